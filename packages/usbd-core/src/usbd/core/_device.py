@@ -1,0 +1,137 @@
+"""The interface a driver implements: a block device of fixed size, addressed by byte offset.
+
+Modelled on nbdkit's plugin API: a device must say how big it is and how to read; every other
+capability is optional, and the engine advertises to clients exactly what the device
+implements (a device without ``write`` is read-only, one without ``trim`` gets no TRIM
+requests, and so on). A request for a capability that was not advertised never reaches it.
+
+Execution model. The methods are plain functions or ``async def`` coroutines, the same choice
+for all of them:
+
+* Async methods run on the event loop; the engine runs many of them at once, each request in
+  its own task (serialised by a lock when :attr:`Device.parallel` is false).
+* Plain methods with :attr:`Device.blocking` true (the default) run in worker threads, at most
+  ``max_workers`` at a time per device (one at a time unless :attr:`Device.parallel`).
+* Plain methods with :attr:`Device.blocking` false are called directly on the event loop.
+  This is the fast path for devices that answer at once (a RAM disk): the engine answers a
+  whole batch of requests without a task or thread per request. Such methods must never
+  block.
+
+Contract, as the shared suite in :mod:`usbd.core.testing` checks it:
+
+* Offsets and lengths are bytes; any offset and length inside the device is allowed, aligned
+  or not (the engine rejects out-of-range requests before they reach the device).
+* ``write`` receives a buffer that is only valid during the call: copy what you keep.
+* ``flush`` makes every write that completed before it durable; with FUA, a write or trim is
+  durable before it returns. The engine calls ``flush`` only after every write it received
+  earlier on the same connection has completed.
+* Writes that overlap and are in flight at once complete in no defined order, as in NBD.
+* ``close`` is called exactly once, after every other call has returned; afterwards every
+  method must fail (raise :class:`~usbd.core.DeviceError`).
+* Failures are exceptions: :class:`~usbd.core.DeviceError` or any ``OSError`` carries the errno
+  the client sees; any other exception is logged and the client sees EIO.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ._constants import DEFAULT_PREFERRED_BLOCK, ExtentFlag
+
+#: What a read may return.
+BytesLike = bytes | bytearray | memoryview
+
+__all__ = ["BytesLike", "Device", "Extent", "ExtentFlag", "Fua"]
+
+
+class Fua(enum.Enum):
+    """How a device honours Force Unit Access on writes, trims and zeroes."""
+
+    #: The engine calls ``flush`` after the write (the default when ``flush`` is implemented).
+    EMULATE = "emulate"
+    #: The device handles the ``fua`` argument itself.
+    NATIVE = "native"
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A run of bytes with the same allocation state (the base:allocation metadata context).
+
+    ``flags`` is a combination of ``ExtentFlag.HOLE`` (not allocated) and ``ExtentFlag.ZERO``
+    (reads as zeros); 0 means allocated data.
+    """
+
+    offset: int
+    length: int
+    flags: ExtentFlag = ExtentFlag(0)
+
+
+class Device:
+    """Base class for devices. Subclasses set :attr:`size` and override what they support.
+
+    Only :attr:`size` and :meth:`read` are required. Every method shown here may be written as
+    ``async def`` instead (all of them, or none).
+    """
+
+    #: Size in bytes; set it in ``__init__``. Read once when a client connects.
+    size: int
+    #: The block size clients should prefer for good performance.
+    block_size: ClassVar[int] = DEFAULT_PREFERRED_BLOCK
+    #: The smallest unit of I/O the device accepts; 1 means any byte offset and length.
+    min_block_size: ClassVar[int] = 1
+    #: Plain methods block (run them in threads); set False only if they answer at once.
+    blocking: ClassVar[bool] = True
+    #: The device copes with several calls at once (from threads or tasks).
+    parallel: ClassVar[bool] = False
+    #: Several connections may use the device at once and see each other's flushed writes
+    #: (NBD's CAN_MULTI_CONN): flush on one connection covers writes done on all of them.
+    multi_conn: ClassVar[bool] = False
+    #: Seeks are expensive (the kernel then schedules I/O differently).
+    rotational: ClassVar[bool] = False
+    #: Refuse writes even though :meth:`write` exists.
+    read_only: bool = False
+    #: How FUA is honoured; ignored unless the device implements ``flush`` or FUA is native.
+    fua: ClassVar[Fua] = Fua.EMULATE
+
+    def read(self, offset: int, length: int) -> BytesLike:
+        """Return exactly ``length`` bytes starting at ``offset`` (bytes, bytearray or memoryview)."""
+        raise NotImplementedError
+
+    def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        """Store ``data`` at ``offset``. ``data`` is only valid during the call."""
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Make every completed write durable."""
+        raise NotImplementedError
+
+    def trim(self, offset: int, length: int, fua: bool) -> None:
+        """The range is no longer needed: it may be discarded (and read back as anything)."""
+        raise NotImplementedError
+
+    def zero(self, offset: int, length: int, *, may_trim: bool, fua: bool, fast: bool) -> None:
+        """Make the range read as zeros.
+
+        ``may_trim`` allows deallocating it (punching a hole); ``fast`` asks to fail with
+        ``DeviceError(errno.ENOTSUP)`` rather than be slower than a write of zeros. Without
+        this method the engine writes zeros through :meth:`write`.
+        """
+        raise NotImplementedError
+
+    def extents(self, offset: int, length: int) -> Iterable[Extent]:
+        """Describe allocation from ``offset`` on; at least the first byte must be covered.
+
+        Gaps and anything past the requested range are tolerated (gaps count as data). Without
+        this method every byte is reported as allocated data.
+        """
+        raise NotImplementedError
+
+    def cache(self, offset: int, length: int) -> None:
+        """Advice: the client will read this range soon."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release everything; called exactly once, after every other call has returned."""

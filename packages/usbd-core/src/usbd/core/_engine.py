@@ -1,0 +1,304 @@
+"""The request loop: one connection in the transmission phase, network client or kernel alike.
+
+Requests are received straight into a :class:`RequestBuffer` and handled in batches: every
+whole request that has arrived is dealt with, then all replies that are ready go out in one
+``sendmsg``. For an inline device (one that answers at once) the batch is answered on the
+spot, with no task or thread per request; that is what lets a Python server keep up with a C
+one. Other devices get a task per request, under a budget of bytes in flight, and reply as
+they finish. Either way one coroutine, :meth:`Connection._execute`, holds the semantics of
+every command.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import trio
+
+from ._constants import SIMPLE_REPLY_MAGIC, Command, CommandFlag, Errno
+from ._device import BytesLike
+from ._errors import ProtocolError, nbd_errno
+from ._export import Export, drive
+from ._handshake import BASE_ALLOCATION_ID
+from ._transmission import (
+    SIMPLE_REPLY,
+    RequestBuffer,
+    Session,
+    block_status_reply,
+    check,
+    simple_reply,
+    structured_data_header,
+    structured_error_reply,
+    structured_hole_reply,
+)
+from ._transport import SocketTransport, TransportClosed
+
+__all__ = ["Connection"]
+
+log = logging.getLogger("usbd.core.engine")
+
+#: Reads at least this long are split into data and hole chunks when the device has extents.
+_SPARSE_READ_MIN = 64 * 1024
+_WRITES = (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES)
+
+
+class Connection:
+    """Serve one connection whose handshake is over (or that never had one: the kernel)."""
+
+    def __init__(
+        self,
+        transport: SocketTransport,
+        export: Export,
+        session: Session,
+        *,
+        initial: bytes = b"",
+        max_in_flight: int = 64 * 1024 * 1024,
+        name: str = "connection",
+    ) -> None:
+        self.transport = transport
+        self.export = export
+        self.session = session
+        self.name = name
+        self._initial = initial
+        self._max_in_flight = max_in_flight
+        self._out: list[BytesLike] = []
+        self._sending = False
+        self._in_flight = 0
+        self._room = trio.Event()
+        self._seq = 0
+        self._writes: set[int] = set()  # sequence numbers of writes not yet finished
+        self._write_done = trio.Event()
+        self._dirty = False
+
+    async def serve(self) -> None:
+        """Run until the client disconnects or sends DISC; flush what it wrote; never raise
+        for anything the peer did."""
+        try:
+            async with trio.open_nursery() as nursery:
+                await self._receive(nursery)
+            await self._send_pending()
+        except* ProtocolError as group:
+            log.warning("%s: closing: %s", self.name, group.exceptions[0])
+        except* TransportClosed as group:
+            log.info("%s: peer went away: %s", self.name, group.exceptions[0])
+        finally:
+            if self._dirty and not self.export.closed:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await self.export.flush()
+                    except Exception:
+                        log.exception("%s: flush at disconnect failed", self.name)
+
+    # -- receiving -------------------------------------------------------------------------
+
+    async def _receive(self, nursery: trio.Nursery) -> None:
+        export = self.export
+        session = self.session
+        buffer = RequestBuffer(session.max_payload)
+        if self._initial:
+            space = buffer.space()
+            space[: len(self._initial)] = self._initial
+            buffer.commit(len(self._initial))
+        inline = export.inline
+        simple = not session.structured_replies
+        device = export.device
+        size = session.size
+        max_payload = session.max_payload
+        read_ok = simple and inline and session.min_block == 1
+        write_ok = inline and export.can_write and session.min_block == 1
+        out = self._out
+        pack = SIMPLE_REPLY.pack
+        magic = SIMPLE_REPLY_MAGIC
+        while True:
+            while (request := buffer.pop()) is not None:
+                command, flags, cookie, offset, length, payload = request
+                # The fast path: plain inline READ and WRITE, checked in one comparison.
+                if not flags and 0 < length <= max_payload and offset + length <= size:
+                    if command == 0 and read_ok:
+                        try:
+                            data = export.check_read(device.read(offset, length), length)
+                        except Exception as exc:
+                            out.append(self._error(cookie, command, exc))
+                        else:
+                            out.append(pack(magic, 0, cookie))
+                            out.append(data)
+                        continue
+                    if command == 1 and write_ok and payload is not None:
+                        self._dirty = True
+                        try:
+                            device.write(offset, payload, False)
+                        except Exception as exc:
+                            out.append(self._error(cookie, command, exc))
+                        else:
+                            out.append(pack(magic, 0, cookie))
+                        continue
+                if command == Command.DISC:
+                    log.debug("%s: client sent DISC", self.name)
+                    return
+                error = check(session, command, flags, offset, length)
+                if error is not None:
+                    log.debug(
+                        "%s: refused command %d flags %#x offset %d length %d: %s",
+                        self.name, command, flags, offset, length, error.name,
+                    )
+                    out.extend(self._error_reply(cookie, command, error, "request refused"))
+                    continue
+                if command in _WRITES:
+                    self._dirty = True
+                if inline:
+                    out.extend(drive(self._execute(command, flags, cookie, offset, length, payload)))
+                    continue
+                cost = length if command in (Command.READ, Command.WRITE) else 0
+                while self._in_flight and self._in_flight + cost > self._max_in_flight:
+                    await self._send_pending()
+                    self._room = trio.Event()
+                    await self._room.wait()
+                self._in_flight += cost
+                if payload is not None:
+                    payload = memoryview(bytes(payload))  # the buffer is reused
+                seq = self._seq
+                self._seq += 1
+                if command in _WRITES:
+                    self._writes.add(seq)
+                nursery.start_soon(self._task, seq, cost, command, flags, cookie, offset, length, payload)
+            await self._send_pending()
+            space = buffer.space()
+            received = await self.transport.recv_into(space)
+            if not received:
+                if not buffer.idle:
+                    log.info("%s: client disconnected in the middle of a request", self.name)
+                return
+            buffer.commit(received)
+
+    async def _task(
+        self,
+        seq: int,
+        cost: int,
+        command: int,
+        flags: int,
+        cookie: int,
+        offset: int,
+        length: int,
+        payload: memoryview | None,
+    ) -> None:
+        try:
+            if command == Command.FLUSH:
+                await self._barrier(seq)
+            chunks = await self._execute(command, flags, cookie, offset, length, payload)
+        finally:
+            self._in_flight -= cost
+            self._room.set()
+            if seq in self._writes:
+                self._writes.discard(seq)
+                self._write_done.set()
+        self._out.extend(chunks)
+        await self._send_pending()
+
+    async def _barrier(self, seq: int) -> None:
+        """Wait until every write received before request ``seq`` has finished."""
+        while min(self._writes, default=math.inf) < seq:
+            self._write_done = trio.Event()
+            await self._write_done.wait()
+
+    # -- executing -------------------------------------------------------------------------
+
+    async def _execute(
+        self,
+        command: int,
+        flags: int,
+        cookie: int,
+        offset: int,
+        length: int,
+        payload: memoryview | None,
+    ) -> list[BytesLike]:
+        """Carry out a checked request; return the reply chunks (errors included)."""
+        export = self.export
+        fua = bool(flags & CommandFlag.FUA)
+        try:
+            if command == Command.READ:
+                return await self._read(cookie, offset, length, flags)
+            if command == Command.WRITE:
+                assert payload is not None
+                await export.write(offset, payload, fua)
+            elif command == Command.FLUSH:
+                await export.flush()
+            elif command == Command.TRIM:
+                await export.trim(offset, length, fua)
+            elif command == Command.WRITE_ZEROES:
+                await export.zero(
+                    offset,
+                    length,
+                    may_trim=not flags & CommandFlag.NO_HOLE,
+                    fua=fua,
+                    fast=bool(flags & CommandFlag.FAST_ZERO),
+                )
+            elif command == Command.CACHE:
+                await export.cache(offset, length)
+            elif command == Command.BLOCK_STATUS:
+                runs = await export.extents(offset, length)
+                if flags & CommandFlag.REQ_ONE:
+                    runs = runs[:1]
+                return [block_status_reply(cookie, BASE_ALLOCATION_ID, runs)]
+            else:  # pragma: no cover - check() lets nothing else through
+                raise AssertionError(command)
+        except Exception as exc:
+            return [self._error(cookie, command, exc)]
+        return [simple_reply(cookie)]
+
+    async def _read(self, cookie: int, offset: int, length: int, flags: int) -> list[BytesLike]:
+        export = self.export
+        if not self.session.structured_replies:
+            return [simple_reply(cookie), await export.read(offset, length)]
+        runs = [(length, 0)]
+        if export.can_extents and length >= _SPARSE_READ_MIN and not flags & CommandFlag.DF:
+            runs = await export.extents(offset, length)
+        chunks: list[BytesLike] = []
+        pos = offset
+        end = offset + length
+        for i, (run, run_flags) in enumerate(runs):
+            run = min(run, end - pos)
+            done = i == len(runs) - 1 or pos + run >= end
+            if run_flags & 2:  # ExtentFlag.ZERO: no need to read it
+                chunks.append(structured_hole_reply(cookie, pos, run, done))
+            else:
+                data = await export.read(pos, run)
+                chunks += [structured_data_header(cookie, pos, run, done), data]
+            pos += run
+            if pos >= end:
+                break
+        if pos < end:  # the device described less than asked: read the rest as data
+            data = await export.read(pos, end - pos)
+            chunks += [structured_data_header(cookie, pos, end - pos, True), data]
+        return chunks
+
+    def _error(self, cookie: int, command: int, exc: Exception) -> bytes:
+        error = nbd_errno(exc)
+        if isinstance(exc, OSError):
+            log.debug("%s: command %d failed: %s", self.name, command, exc)
+        else:
+            log.error("%s: command %d failed", self.name, command, exc_info=exc)
+        return b"".join(self._error_reply(cookie, command, error, str(exc)))
+
+    def _error_reply(self, cookie: int, command: int, error: Errno, message: str) -> list[bytes]:
+        # A structured client must get READ and BLOCK_STATUS errors as error chunks; a simple
+        # reply never carries a payload after an error (the original project's desync bug).
+        if self.session.structured_replies and command in (Command.READ, Command.BLOCK_STATUS):
+            return [structured_error_reply(cookie, int(error), message)]
+        return [simple_reply(cookie, int(error))]
+
+    # -- sending ---------------------------------------------------------------------------
+
+    async def _send_pending(self) -> None:
+        """Send every queued reply; whoever is already sending picks up what others queue."""
+        if self._sending:
+            return
+        self._sending = True
+        try:
+            while self._out:
+                chunks = self._out[:]
+                self._out.clear()
+                await self.transport.send(chunks)
+        finally:
+            self._sending = False

@@ -1,0 +1,57 @@
+"""Errors at the boundaries of the engine, and how they become NBD error values."""
+
+from __future__ import annotations
+
+import errno as _errno
+
+from ._constants import Errno
+
+__all__ = ["DeviceError", "ProtocolError", "nbd_errno"]
+
+
+class DeviceError(OSError):
+    """An operation on a device failed; the client gets an error reply, the connection lives on.
+
+    It is an ``OSError`` so that a device can let the operating system's own errors (from
+    ``os.pread``, say) pass through unchanged: both carry an ``errno``. Without one, the
+    client sees EIO.
+    """
+
+    def __init__(self, code: int | str | None = None, message: str | None = None) -> None:
+        if isinstance(code, str) and message is None:
+            code, message = None, code
+        if code is None:
+            code = _errno.EIO
+        super().__init__(code, message or _errno.errorcode.get(int(code), "device error"))
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol in a way that leaves no safe way to continue.
+
+    The connection that raised it is closed; the server and every other connection carry on.
+    """
+
+
+_TO_NBD: dict[int, Errno] = {
+    _errno.EPERM: Errno.EPERM,
+    _errno.EROFS: Errno.EPERM,
+    _errno.EACCES: Errno.EPERM,
+    _errno.EIO: Errno.EIO,
+    _errno.ENOMEM: Errno.ENOMEM,
+    _errno.EINVAL: Errno.EINVAL,
+    _errno.ENOSPC: Errno.ENOSPC,
+    _errno.EDQUOT: Errno.ENOSPC,
+    _errno.EFBIG: Errno.ENOSPC,
+    _errno.EOVERFLOW: Errno.EOVERFLOW,
+    _errno.ENOTSUP: Errno.ENOTSUP,
+    _errno.EOPNOTSUPP: Errno.ENOTSUP,
+    _errno.ESHUTDOWN: Errno.ESHUTDOWN,
+}
+
+
+def nbd_errno(exc: BaseException) -> Errno:
+    """Map an exception from a device to the closest value NBD allows; anything else is EIO."""
+    code = getattr(exc, "errno", None)
+    if isinstance(code, int):
+        return _TO_NBD.get(code, Errno.EIO)
+    return Errno.EIO

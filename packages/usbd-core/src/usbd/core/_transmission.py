@@ -1,0 +1,265 @@
+"""The transmission phase of NBD, without any I/O: request decoding, checks and reply encoding.
+
+:class:`RequestBuffer` is the receive side. The caller receives straight into
+:meth:`RequestBuffer.space` (no per-request allocation) and then pops whole requests; a WRITE
+comes with its payload as a view into the buffer, valid until the next call to ``space``.
+:func:`check` decides, from what was negotiated, whether a request may reach the device and
+which NBD error answers it otherwise. The ``*_reply`` functions encode replies.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from ._constants import (
+    REPLY_FLAG_DONE,
+    REQUEST_MAGIC,
+    REQUEST_SIZE,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    ChunkType,
+    Command,
+    CommandFlag,
+    Errno,
+    TransmissionFlag,
+)
+from ._errors import ProtocolError
+
+__all__ = [
+    "REQUEST_HEADER",
+    "RequestBuffer",
+    "Session",
+    "block_status_reply",
+    "check",
+    "simple_reply",
+    "structured_data_header",
+    "structured_error_reply",
+    "structured_hole_reply",
+]
+
+REQUEST_HEADER: Final = struct.Struct(">IHHQQI")
+SIMPLE_REPLY: Final = struct.Struct(">IIQ")
+STRUCTURED_HEADER: Final = struct.Struct(">IHHQI")
+_OFFSET_DATA_HEADER: Final = struct.Struct(">IHHQIQ")
+
+#: A decoded request: (command, flags, cookie, offset, length, payload or None).
+Request = tuple[int, int, int, int, int, memoryview | None]
+
+_ALL_FLAGS: Final = int(
+    CommandFlag.FUA
+    | CommandFlag.NO_HOLE
+    | CommandFlag.DF
+    | CommandFlag.REQ_ONE
+    | CommandFlag.FAST_ZERO
+)
+# The flag each command needs advertised before a client may send it.
+_NEEDS: Final = {
+    Command.FLUSH: TransmissionFlag.SEND_FLUSH,
+    Command.TRIM: TransmissionFlag.SEND_TRIM,
+    Command.WRITE_ZEROES: TransmissionFlag.SEND_WRITE_ZEROES,
+    Command.CACHE: TransmissionFlag.SEND_CACHE,
+}
+# The only command each command-specific flag may accompany (FUA goes with any command).
+_FLAG_OWNER: Final = (
+    (CommandFlag.NO_HOLE, Command.WRITE_ZEROES),
+    (CommandFlag.FAST_ZERO, Command.WRITE_ZEROES),
+    (CommandFlag.DF, Command.READ),
+    (CommandFlag.REQ_ONE, Command.BLOCK_STATUS),
+)
+_WRITES: Final = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """What the engine must know about a connection to judge its requests."""
+
+    size: int
+    flags: TransmissionFlag
+    structured_replies: bool = False
+    base_allocation: bool = False
+    min_block: int = 1
+    max_payload: int = 32 * 1024 * 1024
+
+    @property
+    def read_only(self) -> bool:
+        return bool(self.flags & TransmissionFlag.READ_ONLY)
+
+
+def check(session: Session, command: int, flags: int, offset: int, length: int) -> Errno | None:
+    """The error a request must be answered with, or None when the device may serve it.
+
+    The order matters only for which error a request with several faults gets; it follows
+    the specification's advice (and nbdkit): permission, then range, then flags.
+    """
+    if command in _WRITES and session.read_only:
+        return Errno.EPERM
+    if command == Command.FLUSH:
+        if offset or length:
+            return Errno.EINVAL
+    elif Command.READ <= command <= Command.BLOCK_STATUS and command != Command.DISC:
+        if length == 0 or offset + length > session.size:
+            if command in (Command.WRITE, Command.WRITE_ZEROES):
+                return Errno.ENOSPC
+            return Errno.EINVAL
+        if session.min_block > 1 and (offset | length) % session.min_block:
+            return Errno.EINVAL
+    else:
+        return Errno.EINVAL
+    if flags & ~_ALL_FLAGS:
+        return Errno.EINVAL
+    for flag, owner in _FLAG_OWNER:
+        if flags & flag and command != owner:
+            return Errno.EINVAL
+    if flags & CommandFlag.FUA and not session.flags & TransmissionFlag.SEND_FUA:
+        return Errno.EINVAL
+    if flags & CommandFlag.DF and not session.structured_replies:
+        return Errno.EINVAL
+    if flags & CommandFlag.FAST_ZERO and not session.flags & TransmissionFlag.SEND_FAST_ZERO:
+        return Errno.EINVAL
+    if command in (Command.READ, Command.WRITE) and length > session.max_payload:
+        return Errno.EINVAL
+    needed = _NEEDS.get(Command(command))
+    if needed is not None and not session.flags & needed:
+        return Errno.EINVAL
+    if command == Command.BLOCK_STATUS and not session.base_allocation:
+        return Errno.EINVAL
+    return None
+
+
+class RequestBuffer:
+    """A receive buffer that yields whole requests without copying their payloads.
+
+    A WRITE longer than ``max_payload`` is not buffered: its payload is discarded as it
+    arrives (the request is still returned, with payload None, so that it can be answered
+    with an error) and the stream stays in step.
+    """
+
+    def __init__(self, max_payload: int, capacity: int = 4 * 1024 * 1024) -> None:
+        self._max_payload = max_payload
+        self._buf = bytearray(max(capacity, REQUEST_SIZE))
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._discard = 0
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that are not yet part of a returned request."""
+        return self._end - self._start
+
+    @property
+    def idle(self) -> bool:
+        """True between requests: nothing partial is buffered or being discarded."""
+        return self._start == self._end and not self._discard
+
+    def space(self) -> memoryview:
+        """Where to receive into next; invalidates earlier payload views."""
+        if self._start == self._end:
+            self._start = self._end = 0
+        needed = self._wanted()
+        if len(self._buf) - self._start < needed:
+            if needed > len(self._buf):
+                grown = bytearray(needed)
+                grown[: self.pending] = self._view[self._start : self._end]
+                self._buf = grown
+                self._view = memoryview(grown)
+            else:
+                self._view[: self.pending] = self._view[self._start : self._end]
+            self._end -= self._start
+            self._start = 0
+        if self._discard:
+            # Receive discarded bytes at the end of the buffer, bounded by what is owed.
+            return self._view[self._end : self._end + min(self._discard, len(self._buf) - self._end)]
+        return self._view[self._end :]
+
+    def commit(self, n: int) -> None:
+        """Record that ``n`` bytes were received into :meth:`space`."""
+        if self._discard:
+            self._discard -= n
+            return
+        self._end += n
+
+    def _wanted(self) -> int:
+        """Bytes the request at the front needs in the buffer, header and payload together."""
+        if self.pending < REQUEST_SIZE:
+            return REQUEST_SIZE
+        _, _, command, _, _, length = REQUEST_HEADER.unpack_from(self._buf, self._start)
+        if command == Command.WRITE and length <= self._max_payload:
+            return REQUEST_SIZE + length
+        return REQUEST_SIZE
+
+    def pop(self) -> Request | None:
+        """The next whole request, or None until more bytes arrive. Bad magic is fatal."""
+        if self._discard or self._end - self._start < REQUEST_SIZE:
+            return None
+        start = self._start
+        magic, flags, command, cookie, offset, length = REQUEST_HEADER.unpack_from(
+            self._buf, start
+        )
+        if magic != REQUEST_MAGIC:
+            raise ProtocolError(f"bad request magic {magic:#x}")
+        if command != Command.WRITE:
+            self._start = start + REQUEST_SIZE
+            return command, flags, cookie, offset, length, None
+        if length > self._max_payload:
+            # Too big to hold: drop the payload as it streams past, answer the header.
+            buffered = min(length, self._end - start - REQUEST_SIZE)
+            self._start = start + REQUEST_SIZE + buffered
+            self._discard = length - buffered
+            return command, flags, cookie, offset, length, None
+        end = start + REQUEST_SIZE + length
+        if end > self._end:
+            return None
+        self._start = end
+        return command, flags, cookie, offset, length, self._view[start + REQUEST_SIZE : end]
+
+
+def simple_reply(cookie: int, error: int = 0) -> bytes:
+    return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
+
+
+def structured_data_header(cookie: int, offset: int, length: int, done: bool = True) -> bytes:
+    """Header of an OFFSET_DATA chunk; ``length`` bytes of data must follow it."""
+    return _OFFSET_DATA_HEADER.pack(
+        STRUCTURED_REPLY_MAGIC,
+        REPLY_FLAG_DONE if done else 0,
+        ChunkType.OFFSET_DATA,
+        cookie,
+        length + 8,
+        offset,
+    )
+
+
+def structured_hole_reply(cookie: int, offset: int, length: int, done: bool = True) -> bytes:
+    return STRUCTURED_HEADER.pack(
+        STRUCTURED_REPLY_MAGIC,
+        REPLY_FLAG_DONE if done else 0,
+        ChunkType.OFFSET_HOLE,
+        cookie,
+        12,
+    ) + struct.pack(">QI", offset, length)
+
+
+def structured_error_reply(cookie: int, error: int, message: str = "") -> bytes:
+    text = message.encode()[:4096]
+    body = struct.pack(">IH", error, len(text)) + text
+    return (
+        STRUCTURED_HEADER.pack(
+            STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ChunkType.ERROR, cookie, len(body)
+        )
+        + body
+    )
+
+
+def block_status_reply(cookie: int, context_id: int, extents: Sequence[tuple[int, int]]) -> bytes:
+    """A final BLOCK_STATUS chunk listing (length, flags) pairs."""
+    body = struct.pack(f">I{2 * len(extents)}I", context_id, *(v for e in extents for v in e))
+    return (
+        STRUCTURED_HEADER.pack(
+            STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ChunkType.BLOCK_STATUS, cookie, len(body)
+        )
+        + body
+    )

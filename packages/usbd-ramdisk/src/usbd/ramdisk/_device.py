@@ -1,0 +1,136 @@
+"""A RAM disk that takes memory only for what is written and gives it back on trim.
+
+The whole device is one anonymous private mapping reserved with MAP_NORESERVE: pages that
+were never written read as the kernel's shared zero page and cost nothing, and
+``madvise(MADV_DONTNEED)`` returns trimmed pages to the system (they read as zeros again).
+A byte per 64 KiB chunk, itself in a lazily allocated mapping, records which chunks hold
+data, so that block status and sparse reads can report holes.
+
+Every call answers at once from memory, so the device runs inline on the event loop
+(``blocking = False``): the engine's batched fast path.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+from collections.abc import Iterator
+
+from usbd.core import Device, DeviceError, Extent, ExtentFlag
+
+__all__ = ["CHUNK", "RamDisk"]
+
+CHUNK_SHIFT = 16
+CHUNK = 1 << CHUNK_SHIFT
+_PAGE = mmap.PAGESIZE
+_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+_HOLE = ExtentFlag.HOLE | ExtentFlag.ZERO
+
+
+def _anonymous(size: int) -> mmap.mmap:
+    return mmap.mmap(-1, size, flags=_FLAGS, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+class RamDisk(Device):
+    """Memory-backed device of ``size`` bytes; contents are lost when the process ends."""
+
+    blocking = False
+    multi_conn = True
+
+    def __init__(self, size: int) -> None:
+        if size <= 0:
+            raise ValueError(f"ramdisk size must be positive, got {size}")
+        self.size = size
+        self._mem: mmap.mmap | None = _anonymous(size)
+        self._map: mmap.mmap | None = _anonymous((size + CHUNK - 1) >> CHUNK_SHIFT)
+
+    def _closed(self) -> DeviceError:
+        return DeviceError(errno.ESHUTDOWN, "ramdisk is closed")
+
+    def read(self, offset: int, length: int) -> bytes:
+        mem = self._mem
+        if mem is None:
+            raise self._closed()
+        return mem[offset : offset + length]
+
+    def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        mem, used = self._mem, self._map
+        if mem is None or used is None:
+            raise self._closed()
+        end = offset + len(data)
+        mem[offset:end] = data
+        first = offset >> CHUNK_SHIFT
+        last = (end - 1) >> CHUNK_SHIFT
+        if first == last:
+            used[first] = 1
+        else:
+            used[first : last + 1] = b"\x01" * (last + 1 - first)
+
+    def flush(self) -> None:
+        # Nothing to make durable, but advertising flush lets FUA and the kernel's barriers
+        # through instead of refusing them.
+        if self._mem is None:
+            raise self._closed()
+
+    def trim(self, offset: int, length: int, fua: bool) -> None:
+        self._discard(offset, length)
+
+    def zero(self, offset: int, length: int, *, may_trim: bool, fua: bool, fast: bool) -> None:
+        if may_trim:
+            self._discard(offset, length)
+            return
+        mem = self._mem
+        if mem is None:
+            raise self._closed()
+        view = memoryview(bytes(min(length, 1 << 20)))
+        end = offset + length
+        with memoryview(mem) as target:
+            while offset < end:
+                step = min(len(view), end - offset)
+                target[offset : offset + step] = view[:step]
+                offset += step
+
+    def _discard(self, offset: int, length: int) -> None:
+        """Zero the range, returning whole pages to the system and forgetting whole chunks."""
+        mem, used = self._mem, self._map
+        if mem is None or used is None:
+            raise self._closed()
+        end = offset + length
+        page_start = -(-offset // _PAGE) * _PAGE
+        page_end = end // _PAGE * _PAGE
+        if page_start < page_end:
+            mem.madvise(mmap.MADV_DONTNEED, page_start, page_end - page_start)
+            self._zero_bytes(mem, offset, page_start)
+            self._zero_bytes(mem, page_end, end)
+        else:
+            self._zero_bytes(mem, offset, end)
+        first = -(-offset >> CHUNK_SHIFT)  # chunks entirely inside the range
+        last = end >> CHUNK_SHIFT if end < self.size else -(-end >> CHUNK_SHIFT)
+        if first < last:
+            used[first:last] = bytes(last - first)
+
+    @staticmethod
+    def _zero_bytes(mem: mmap.mmap, start: int, end: int) -> None:
+        if start < end:
+            mem[start:end] = bytes(end - start)
+
+    def extents(self, offset: int, length: int) -> Iterator[Extent]:
+        used = self._map
+        if used is None:
+            raise self._closed()
+        end = offset + length
+        chunk = offset >> CHUNK_SHIFT
+        last = (end - 1) >> CHUNK_SHIFT
+        while chunk <= last:
+            allocated = used[chunk] != 0
+            stop = used.find(b"\x00" if allocated else b"\x01", chunk, last + 1)
+            stop = last + 1 if stop < 0 else stop
+            start = chunk << CHUNK_SHIFT
+            yield Extent(start, (stop << CHUNK_SHIFT) - start, ExtentFlag(0) if allocated else _HOLE)
+            chunk = stop
+
+    def close(self) -> None:
+        for mapping in (self._mem, self._map):
+            if mapping is not None:
+                mapping.close()
+        self._mem = self._map = None
