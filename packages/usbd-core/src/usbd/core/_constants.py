@@ -120,6 +120,7 @@ REPLY_FLAG_DONE: Final = 1
 class ExtentFlag(enum.IntFlag):
     """Flags of the base:allocation metadata context."""
 
+    DATA = 0
     HOLE = 1 << 0
     ZERO = 1 << 1
 

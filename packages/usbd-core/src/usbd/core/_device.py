@@ -66,7 +66,7 @@ class Extent:
 
     offset: int
     length: int
-    flags: ExtentFlag = ExtentFlag(0)
+    flags: ExtentFlag = ExtentFlag.DATA
 
 
 class Device:
@@ -97,7 +97,7 @@ class Device:
     fua: ClassVar[Fua] = Fua.EMULATE
 
     def read(self, offset: int, length: int) -> BytesLike:
-        """Return exactly ``length`` bytes starting at ``offset`` (bytes, bytearray or memoryview)."""
+        """Return exactly ``length`` bytes from ``offset``: bytes, bytearray or memoryview."""
         raise NotImplementedError
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 
 import trio
 
@@ -141,14 +140,21 @@ class Connection:
                 if error is not None:
                     log.debug(
                         "%s: refused command %d flags %#x offset %d length %d: %s",
-                        self.name, command, flags, offset, length, error.name,
+                        self.name,
+                        command,
+                        flags,
+                        offset,
+                        length,
+                        error.name,
                     )
                     out.extend(self._error_reply(cookie, command, error, "request refused"))
                     continue
                 if command in _WRITES:
                     self._dirty = True
                 if inline:
-                    out.extend(drive(self._execute(command, flags, cookie, offset, length, payload)))
+                    out.extend(
+                        drive(self._execute(command, flags, cookie, offset, length, payload))
+                    )
                     continue
                 cost = length if command in (Command.READ, Command.WRITE) else 0
                 while self._in_flight and self._in_flight + cost > self._max_in_flight:
@@ -162,7 +168,9 @@ class Connection:
                 self._seq += 1
                 if command in _WRITES:
                     self._writes.add(seq)
-                nursery.start_soon(self._task, seq, cost, command, flags, cookie, offset, length, payload)
+                nursery.start_soon(
+                    self._task, seq, cost, command, flags, cookie, offset, length, payload
+                )
             await self._send_pending()
             space = buffer.space()
             received = await self.transport.recv_into(space)
@@ -257,8 +265,8 @@ class Connection:
         chunks: list[BytesLike] = []
         pos = offset
         end = offset + length
-        for i, (run, run_flags) in enumerate(runs):
-            run = min(run, end - pos)
+        for i, (run_length, run_flags) in enumerate(runs):
+            run = min(run_length, end - pos)
             done = i == len(runs) - 1 or pos + run >= end
             if run_flags & 2:  # ExtentFlag.ZERO: no need to read it
                 chunks.append(structured_hole_reply(cookie, pos, run, done))

@@ -161,7 +161,9 @@ class Export:
         await self._call(self.device.trim, offset, length, fua and self.native_fua)
         await self._after(fua)
 
-    async def zero(self, offset: int, length: int, *, may_trim: bool, fua: bool, fast: bool) -> None:
+    async def zero(
+        self, offset: int, length: int, *, may_trim: bool, fua: bool, fast: bool
+    ) -> None:
         if self.native_zero:
             await self._call(
                 self.device.zero,
@@ -217,7 +219,9 @@ class Export:
         return self._closed
 
 
-def normalise_extents(reported: Iterable[Extent], offset: int, length: int) -> list[tuple[int, int]]:
+def normalise_extents(
+    reported: Iterable[Extent], offset: int, length: int
+) -> list[tuple[int, int]]:
     """Turn a device's extents into contiguous (length, flags) runs from ``offset``.
 
     Runs are clipped to the request, gaps count as data, neighbours with equal flags merge.

@@ -67,7 +67,7 @@ class Negotiated:
 
     @property
     def flags(self) -> TransmissionFlag:
-        """Transmission flags as sent to this client (DF only makes sense with structured replies)."""
+        """Transmission flags as sent to this client (DF needs structured replies)."""
         if self.structured_replies:
             return self.export.flags | TransmissionFlag.SEND_DF
         return self.export.flags
@@ -169,10 +169,14 @@ class Handshake:
             payload = bytes(self._buffer[_OPTION_HEADER.size : _OPTION_HEADER.size + length])
             del self._buffer[: _OPTION_HEADER.size + length]
             out += self._option(option, payload)
+        self._keep_leftover()
+        return bytes(out)
+
+    def _keep_leftover(self) -> None:
+        """Bytes after the final option already belong to the transmission phase."""
         if self.finished:
             self.leftover = bytes(self._buffer)
             self._buffer.clear()
-        return bytes(out)
 
     # -- options ---------------------------------------------------------------------------
 
@@ -266,9 +270,7 @@ class Handshake:
 
     def _meta_context(self, option: int, data: bytes) -> bytes:
         if option == Option.SET_META_CONTEXT and not self._structured:
-            raise _OptionError(
-                Reply.ERR_INVALID, "SET_META_CONTEXT needs structured replies first"
-            )
+            raise _OptionError(Reply.ERR_INVALID, "SET_META_CONTEXT needs structured replies first")
         reader = _Reader(data)
         name = reader.string("export name")
         queries = [reader.string("query") for _ in range(reader.u32())]

@@ -172,7 +172,9 @@ class RequestBuffer:
             self._start = 0
         if self._discard:
             # Receive discarded bytes at the end of the buffer, bounded by what is owed.
-            return self._view[self._end : self._end + min(self._discard, len(self._buf) - self._end)]
+            return self._view[
+                self._end : self._end + min(self._discard, len(self._buf) - self._end)
+            ]
         return self._view[self._end :]
 
     def commit(self, n: int) -> None:
@@ -188,7 +190,7 @@ class RequestBuffer:
             return REQUEST_SIZE
         _, _, command, _, _, length = REQUEST_HEADER.unpack_from(self._buf, self._start)
         if command == Command.WRITE and length <= self._max_payload:
-            return REQUEST_SIZE + length
+            return REQUEST_SIZE + int(length)
         return REQUEST_SIZE
 
     def pop(self) -> Request | None:
@@ -196,9 +198,7 @@ class RequestBuffer:
         if self._discard or self._end - self._start < REQUEST_SIZE:
             return None
         start = self._start
-        magic, flags, command, cookie, offset, length = REQUEST_HEADER.unpack_from(
-            self._buf, start
-        )
+        magic, flags, command, cookie, offset, length = REQUEST_HEADER.unpack_from(self._buf, start)
         if magic != REQUEST_MAGIC:
             raise ProtocolError(f"bad request magic {magic:#x}")
         if command != Command.WRITE:

@@ -9,6 +9,7 @@ line naming the flag and what is accepted, and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -19,10 +20,10 @@ from dataclasses import dataclass
 import trio
 
 from ._device import Device
-from .driver import Driver
 from ._export import Export
 from ._server import Server, open_tcp_listeners, open_unix_listener
 from ._sizes import format_size, parse_size
+from .driver import Driver
 
 __all__ = ["Listen", "main", "parse_listen", "uri_for"]
 
@@ -48,8 +49,7 @@ def parse_listen(text: str) -> Listen:
             f"invalid listen address {text!r}: expected HOST:PORT (TCP) or a unix socket path "
             "containing a slash"
         )
-    host = host.strip("[]") or None
-    return Listen(host=host, port=int(port))
+    return Listen(host=host.strip("[]") or None, port=int(port))
 
 
 def uri_for(listener: trio.SocketListener, export_name: str) -> str:
@@ -84,7 +84,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, **kw: object) -> None:
+def _flag(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, **kw: object
+) -> None:
     """Declare ``--name`` together with the original's Go-style ``-name``."""
     parser.add_argument(f"--{name}", f"-{name}", **kw)  # type: ignore[arg-type]
 
@@ -92,16 +94,39 @@ def _flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, 
 def build_parser(driver: Driver, prog: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog=prog, description=driver.description, allow_abbrev=False)
     common = parser.add_argument_group("serving")
-    _flag(common, "listen", action="append", type=_listen, default=[], metavar="ADDR",
-          help="serve NBD clients on HOST:PORT (TCP) or a unix socket PATH; may be repeated")
-    _flag(common, "export-name", default="", metavar="NAME",
-          help="name clients ask for (default: the empty name)")
+    _flag(
+        common,
+        "listen",
+        action="append",
+        type=_listen,
+        default=[],
+        metavar="ADDR",
+        help="serve NBD clients on HOST:PORT (TCP) or a unix socket PATH; may be repeated",
+    )
+    _flag(
+        common,
+        "export-name",
+        default="",
+        metavar="NAME",
+        help="name clients ask for (default: the empty name)",
+    )
     _flag(common, "description", default="", help="export description shown to clients")
     _flag(common, "read-only", action="store_true", help="refuse writes")
-    _flag(common, "store-size", type=_size, default=None, metavar="SIZE",
-          help="device size (ex. 100 MiB, 20GiB)")
-    _flag(common, "log-level", default="info",
-          choices=["debug", "info", "warning", "error"], help="logging threshold")
+    _flag(
+        common,
+        "store-size",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="device size (ex. 100 MiB, 20GiB)",
+    )
+    _flag(
+        common,
+        "log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="logging threshold",
+    )
     group = parser.add_argument_group(driver.name)
     driver.add_arguments(group)  # type: ignore[arg-type]
     return parser
@@ -142,10 +167,8 @@ async def serve(
             await export.aclose()
         for where in listen:
             if where.path is not None:
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(where.path)
-                except FileNotFoundError:
-                    pass
 
 
 def main(driver: Driver, argv: Sequence[str] | None = None, prog: str | None = None) -> int:
@@ -159,8 +182,10 @@ def main(driver: Driver, argv: Sequence[str] | None = None, prog: str | None = N
         stream=sys.stderr,
     )
     if not args.listen:
-        parser.error("argument --listen: required until kernel attach is available "
-                     "(expected HOST:PORT or a unix socket path)")
+        parser.error(
+            "argument --listen: required until kernel attach is available "
+            "(expected HOST:PORT or a unix socket path)"
+        )
     try:
         device = driver.create(args)
     except (ValueError, OSError) as exc:
@@ -169,7 +194,7 @@ def main(driver: Driver, argv: Sequence[str] | None = None, prog: str | None = N
     summary = driver.describe(args)
     print(f"{prog} started.", flush=True)
     print(
-        f'{prog} using config: Exporting {format_size(device.size)} volume '
+        f"{prog} using config: Exporting {format_size(device.size)} volume "
         f'"{args.export_name}" using driver {driver.name}{", " + summary if summary else ""}',
         flush=True,
     )

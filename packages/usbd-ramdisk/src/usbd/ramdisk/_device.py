@@ -126,7 +126,9 @@ class RamDisk(Device):
             stop = used.find(b"\x00" if allocated else b"\x01", chunk, last + 1)
             stop = last + 1 if stop < 0 else stop
             start = chunk << CHUNK_SHIFT
-            yield Extent(start, (stop << CHUNK_SHIFT) - start, ExtentFlag(0) if allocated else _HOLE)
+            yield Extent(
+                start, (stop << CHUNK_SHIFT) - start, ExtentFlag.DATA if allocated else _HOLE
+            )
             chunk = stop
 
     def close(self) -> None:
