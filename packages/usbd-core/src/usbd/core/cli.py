@@ -156,6 +156,8 @@ async def serve(
             await nursery.start(Server([export]).serve, listeners)
             for uri in uris:
                 print(f"{prog} is serving {uri}", flush=True)
+            if uris:
+                print(f"{prog}: connect with e.g.  nbdinfo '{uris[0]}'", flush=True)
             task_status.started(uris)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for signum in signals:

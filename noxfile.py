@@ -1,0 +1,73 @@
+"""Sessions for the usbd monorepo: ``nox`` runs lint, each package's tests and integration.
+
+Each package's unit tests run in an environment that holds only that package and what it
+declares, so an undeclared import fails here rather than on a user's machine. Slow cases
+(``@pytest.mark.slow``) are left out unless a session is given ``-- -m slow`` or the ``slow``
+session runs them.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["lint", "tests", "integration"]
+nox.options.error_on_missing_interpreters = True
+
+#: Each package with the local packages it needs installed alongside it (in order).
+PACKAGES: dict[str, list[str]] = {
+    "usbd-core": ["./packages/usbd-core[testing]"],
+    "usbd-ramdisk": ["./packages/usbd-core[testing]", "./packages/usbd-ramdisk"],
+}
+ALL = ["./packages/usbd-core[testing]", "./packages/usbd-ramdisk"]
+FAST = ["-m", "not slow"]
+
+
+def _pytest(session: nox.Session, *paths: str) -> None:
+    args = session.posargs or FAST
+    session.run("pytest", "--import-mode=importlib", *args, *paths)
+
+
+@nox.session
+@nox.parametrize("package", list(PACKAGES))
+def tests(session: nox.Session, package: str) -> None:
+    """Unit tests of one package, installed alone (not editable) with its declared deps."""
+    session.install(*PACKAGES[package])
+    _pytest(session, f"packages/{package}/tests")
+
+
+@nox.session
+def integration(session: nox.Session) -> None:
+    """Cross-package tests against real NBD clients (nbdinfo, nbdcopy, libnbd, qemu, fio)."""
+    session.install(*ALL)
+    _pytest(session, "tests")
+
+
+@nox.session(default=False)
+def slow(session: nox.Session) -> None:
+    """Only the cases marked slow, across every package and tests/."""
+    session.install(*ALL)
+    session.run(
+        "pytest", "--import-mode=importlib", "-m", "slow", *session.posargs,
+        *(f"packages/{package}/tests" for package in PACKAGES), "tests",
+    )
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff (lint and format) everywhere; mypy strict on the packages."""
+    session.install("ruff", "mypy", *ALL)
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.run(
+        "mypy",
+        "packages/usbd-core/src/usbd/core",
+        "packages/usbd-ramdisk/src/usbd/ramdisk",
+    )
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """fio over NBD: usbd against nbdkit (C memory plugin and a Python plugin), as ratios."""
+    session.install(*ALL)
+    session.run("python", "bench/run.py", *session.posargs)
