@@ -48,8 +48,13 @@ def slow(session: nox.Session) -> None:
     """Only the cases marked slow, across every package and tests/."""
     session.install(*ALL)
     session.run(
-        "pytest", "--import-mode=importlib", "-m", "slow", *session.posargs,
-        *(f"packages/{package}/tests" for package in PACKAGES), "tests",
+        "pytest",
+        "--import-mode=importlib",
+        "-m",
+        "slow",
+        *session.posargs,
+        *(f"packages/{package}/tests" for package in PACKAGES),
+        "tests",
     )
 
 
