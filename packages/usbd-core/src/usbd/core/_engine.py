@@ -158,8 +158,10 @@ class Connection:
                     continue
                 cost = length if command in (Command.READ, Command.WRITE) else 0
                 while self._in_flight and self._in_flight + cost > self._max_in_flight:
-                    await self._send_pending()
+                    # A fresh event before sending: work that finishes during the send
+                    # must find it, or the wait below would miss that wake-up for good.
                     self._room = trio.Event()
+                    await self._send_pending()
                     await self._room.wait()
                 self._in_flight += cost
                 if payload is not None:
@@ -207,7 +209,10 @@ class Connection:
     async def _barrier(self, seq: int) -> None:
         """Wait until every write received before request ``seq`` has finished."""
         while min(self._writes, default=math.inf) < seq:
-            self._write_done = trio.Event()
+            # Several flushes may wait at once: share the pending event, never replace it
+            # (a replaced event would never be set and its waiter would hang).
+            if self._write_done.is_set():
+                self._write_done = trio.Event()
             await self._write_done.wait()
 
     # -- executing -------------------------------------------------------------------------

@@ -40,7 +40,8 @@ MAX_NAME_LENGTH = 4096
 
 _OPTION_HEADER = struct.Struct(">QII")
 _REPLY_HEADER = struct.Struct(">QIII")
-_KNOWN_CLIENT_FLAGS = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
+# A plain int: ``~`` on an IntFlag stays inside the flag's own bits and would be 0 here.
+_KNOWN_CLIENT_FLAGS = int(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
 
 
 @dataclass(frozen=True)
@@ -269,6 +270,9 @@ class Handshake:
         return bytes(out)
 
     def _meta_context(self, option: int, data: bytes) -> bytes:
+        if option == Option.SET_META_CONTEXT:
+            # A SET replaces every earlier selection, even when it fails (spec).
+            self._meta_export = None
         if option == Option.SET_META_CONTEXT and not self._structured:
             raise _OptionError(Reply.ERR_INVALID, "SET_META_CONTEXT needs structured replies first")
         reader = _Reader(data)

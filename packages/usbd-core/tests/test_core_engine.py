@@ -1,0 +1,541 @@
+"""The request loop over a socketpair (the kernel seam): commands, capabilities, concurrency.
+
+Every connection here starts in the transmission phase with simple replies only, exactly as
+the Linux kernel talks to a daemon that handed it one end of a socketpair.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+
+import pytest
+import trio
+from core_helpers import (
+    CACHE,
+    DISC,
+    EINVAL,
+    ENOTSUP,
+    EPERM,
+    F_FAST_ZERO,
+    F_FUA,
+    F_NO_HOLE,
+    FLUSH,
+    READ,
+    T_HAS_FLAGS,
+    T_READ_ONLY,
+    T_SEND_FAST_ZERO,
+    T_SEND_FLUSH,
+    T_SEND_FUA,
+    T_SEND_TRIM,
+    T_SEND_WRITE_ZEROES,
+    TRIM,
+    WRITE,
+    WRITE_ZEROES,
+    AsyncMemDevice,
+    FailingDevice,
+    GatedDevice,
+    MemDevice,
+    ThreadedFailingDevice,
+    ThreadedMemDevice,
+    request,
+    seam,
+    wait_until,
+)
+
+from usbd.core import Device, DeviceError, Export, session_for
+
+ESHUTDOWN = 108
+
+
+async def test_kernel_seam_round_trip_with_simple_replies() -> None:
+    device = MemDevice()
+    with trio.fail_after(10):
+        async with seam(device) as (client, export):
+            assert not session_for(export).structured_replies
+            assert await client.write(1000, b"hello world") == 0
+            assert await client.read(1000, 11) == b"hello world"
+            assert await client.read(0, 4) == bytes(4)
+            assert await client.call(FLUSH, cookie=3) == 0
+            assert await client.call(TRIM, 4, 0, 512) == 0
+    assert device.data[1000:1011] == b"hello world"
+
+
+async def test_bytes_received_during_a_handshake_are_served_first() -> None:
+    device = MemDevice()
+    device.data[:3] = b"abc"
+    with trio.fail_after(10):
+        async with seam(device, initial=request(READ, 5, 0, 3)) as (client, _):
+            assert await client.simple_reply() == (0, 5)
+            assert await client.recv_exactly(3) == b"abc"
+            assert await client.read(1, 2) == b"bc"
+
+
+@pytest.mark.parametrize("device_type", [MemDevice, ThreadedMemDevice, AsyncMemDevice])
+async def test_disc_drains_then_closes(device_type: type[Device]) -> None:
+    device = device_type()
+    with trio.fail_after(10):
+        async with seam(device) as (client, _):
+            await client.send(
+                request(WRITE, 1, 0, 3) + b"xyz" + request(READ, 2, 0, 3) + request(DISC, 3)
+            )
+            replies = {}
+            for _ in range(2):
+                error, cookie = await client.simple_reply()
+                replies[cookie] = error
+                if cookie == 2:
+                    # Overlapping requests in flight complete in no defined order, so the
+                    # data may be old or new; that it is there keeps the stream in step.
+                    assert len(await client.recv_exactly(3)) == 3
+            assert replies == {1: 0, 2: 0}
+            assert await client.closed_by_server()
+
+
+# -- errors from the device ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device_type", [FailingDevice, ThreadedFailingDevice])
+async def test_read_error_with_simple_replies_carries_no_payload(
+    device_type: type[Device],
+) -> None:
+    device = device_type()
+    with trio.fail_after(10):
+        async with seam(device) as (client, _):
+            device.data[8192:8196] = b"good"  # type: ignore[attr-defined]
+            # Both requests at once: if the error reply carried data, the second reply's
+            # header would be read out of that data.
+            await client.send(request(READ, 1, 0, 512) + request(READ, 2, 8192, 4))
+            got = {}
+            for _ in range(2):
+                error, cookie = await client.simple_reply()
+                got[cookie] = error
+                if not error:
+                    assert await client.recv_exactly(4) == b"good"
+            assert got == {1: 5, 2: 0}
+            assert await client.read(8192, 4) == b"good"  # still in step
+
+
+class _OSErrorDevice(MemDevice):
+    def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        raise OSError(errno.EDQUOT, "quota")
+
+    def trim(self, offset: int, length: int, fua: bool) -> None:
+        raise ValueError("a bug in the driver")
+
+
+async def test_device_errors_map_to_nbd_errno_and_the_connection_lives_on() -> None:
+    with trio.fail_after(10):
+        async with seam(_OSErrorDevice()) as (client, _):
+            assert await client.write(0, b"x") == 28  # EDQUOT -> ENOSPC
+            assert await client.call(TRIM, 2, 0, 1) == 5  # anything else -> EIO
+            assert await client.read(0, 1) == b"\0"
+
+
+async def test_short_read_from_device_is_an_error_not_a_desync() -> None:
+    class Short(MemDevice):
+        def read(self, offset: int, length: int) -> bytes:
+            return bytes(length - 1)
+
+    with trio.fail_after(10):
+        async with seam(Short()) as (client, _):
+            await client.send(request(READ, 1, 0, 16) + request(FLUSH, 2))
+            assert await client.simple_reply() == (5, 1)
+            assert await client.simple_reply() == (0, 2)
+
+
+# -- ordering and concurrency ----------------------------------------------------------------
+
+
+async def test_flush_waits_for_earlier_writes() -> None:
+    device = GatedDevice()
+    with trio.fail_after(15):
+        async with seam(device) as (client, _):
+            try:
+                await client.send(request(WRITE, 1, 0, 4) + b"data" + request(FLUSH, 2))
+                await wait_until(lambda: device.writes_started == 1)
+                await trio.sleep(0.1)  # room for a wrongly early flush to happen
+                assert "flush" not in device.events
+            finally:
+                device.gate.set()
+            got = {await client.simple_reply(), await client.simple_reply()}
+            assert got == {(0, 1), (0, 2)}
+    assert device.events[:3] == ["write-start", "write-end", "flush"]
+
+
+async def test_several_flushes_waiting_for_one_write_all_complete() -> None:
+    device = GatedDevice()
+    with trio.fail_after(15):
+        async with seam(device) as (client, _):
+            try:
+                await client.send(
+                    request(WRITE, 1, 0, 4) + b"data" + request(FLUSH, 2) + request(FLUSH, 3)
+                )
+                await wait_until(lambda: device.writes_started == 1)
+                await trio.sleep(0.05)  # let both flushes reach their barrier
+            finally:
+                device.gate.set()
+            with trio.move_on_after(5):
+                got = {await client.simple_reply() for _ in range(3)}
+                assert got == {(0, 1), (0, 2), (0, 3)}
+                return
+            pytest.fail(
+                "a FLUSH never completed: with two flushes waiting on the same write, "
+                "Connection._barrier replaces _write_done and strands the first waiter"
+            )
+
+
+class _OutOfOrder(ThreadedMemDevice):
+    """Reads at offset 0 wait until the test says so; other reads answer at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset == 0 and not self.release.wait(10):
+            raise DeviceError("never released")
+        return super().read(offset, length)
+
+
+async def test_threaded_device_replies_out_of_order() -> None:
+    device = _OutOfOrder()
+    device.data[4096:4100] = b"fast"
+    with trio.fail_after(15):
+        async with seam(device) as (client, _):
+            try:
+                await client.send(request(READ, 1, 0, 4) + request(READ, 2, 4096, 4))
+                assert await client.simple_reply() == (0, 2)  # the later request first
+                assert await client.recv_exactly(4) == b"fast"
+            finally:
+                device.release.set()
+            assert await client.simple_reply() == (0, 1)
+            assert await client.recv_exactly(4) == bytes(4)
+
+
+class _Rendezvous(ThreadedMemDevice):
+    """Every read waits for seven others: only a server with eight in flight can answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.barrier = threading.Barrier(8, timeout=10)
+
+    def read(self, offset: int, length: int) -> bytes:
+        try:
+            self.barrier.wait()
+        except threading.BrokenBarrierError:
+            raise DeviceError("requests were not in flight together") from None
+        return super().read(offset, length)
+
+
+async def test_many_requests_in_flight_at_once() -> None:
+    device = _Rendezvous()
+    for i in range(16):
+        device.data[i * 512] = i
+    with trio.fail_after(15):
+        async with seam(device) as (client, _):
+            await client.send(b"".join(request(READ, 100 + i, i * 512, 1) for i in range(16)))
+            seen = set()
+            for _ in range(16):
+                error, cookie = await client.simple_reply()
+                assert error == 0
+                assert await client.recv_exactly(1) == bytes([cookie - 100])
+                seen.add(cookie)
+            assert seen == set(range(100, 116))
+    assert len(device.threads) >= 8
+
+
+async def test_blocking_device_runs_in_worker_threads() -> None:
+    device = ThreadedMemDevice()
+    with trio.fail_after(10):
+        async with seam(device) as (client, _):
+            assert await client.write(0, b"t") == 0
+            assert await client.read(0, 1) == b"t"
+    assert device.threads
+    assert threading.get_ident() not in device.threads
+
+
+async def test_inline_device_runs_on_the_event_loop_thread() -> None:
+    class Recording(MemDevice):
+        threads: set[int]
+
+        def read(self, offset: int, length: int) -> bytes:
+            self.threads.add(threading.get_ident())
+            return super().read(offset, length)
+
+    device = Recording()
+    device.threads = set()
+    with trio.fail_after(10):
+        async with seam(device) as (client, _):
+            assert await client.read(0, 1) == b"\0"
+    assert device.threads == {threading.get_ident()}
+
+
+async def test_async_native_device_is_served() -> None:
+    device = AsyncMemDevice()
+    with trio.fail_after(10):
+        async with seam(device) as (client, export):
+            assert export.is_async
+            await client.send(
+                b"".join(request(WRITE, i, i * 100, 10) + bytes([i]) * 10 for i in range(1, 9))
+            )
+            assert {await client.simple_reply() for _ in range(8)} == {(0, i) for i in range(1, 9)}
+            assert await client.read(100, 10) == b"\x01" * 10
+            assert await client.read(800, 10) == b"\x08" * 10
+            assert await client.call(WRITE_ZEROES, 20, 100, 10) == 0
+            assert await client.read(100, 10) == bytes(10)
+            assert await client.call(FLUSH, 21) == 0
+            assert await client.call(TRIM, 22, 800, 5) == 0
+            assert await client.read(800, 10) == bytes(5) + b"\x08" * 5
+    assert device.in_trio
+    assert {"read", "write", "zero", "flush", "trim"} <= set(device.calls)
+
+
+class _GatedReads(AsyncMemDevice):
+    """Async reads wait on a trio event; counts how many started."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = trio.Event()
+        self.started = 0
+
+    async def read(self, offset: int, length: int) -> bytes:  # type: ignore[override]
+        self.started += 1
+        await self.gate.wait()
+        return await super().read(offset, length)
+
+
+async def test_backpressure_stops_reading_when_the_budget_is_used() -> None:
+    device = _GatedReads()
+    with trio.fail_after(10):
+        async with seam(device, max_in_flight=8192) as (client, _):
+            await client.send(b"".join(request(READ, i, 0, 4096) for i in range(6)))
+            await wait_until(lambda: device.started == 2)
+            await trio.sleep(0.1)  # room for a third request to be wrongly started
+            assert device.started == 2
+            device.gate.set()
+            cookies = set()
+            for _ in range(6):
+                error, cookie = await client.simple_reply()
+                assert error == 0
+                assert await client.recv_exactly(4096) == bytes(4096)
+                cookies.add(cookie)
+            assert cookies == set(range(6))
+
+
+async def test_backpressure_with_threaded_writes() -> None:
+    device = GatedDevice()
+    with trio.fail_after(15):
+        async with seam(device, max_in_flight=8192) as (client, _):
+            try:
+                await client.send(
+                    b"".join(request(WRITE, i, i * 4096, 4096) + bytes(4096) for i in range(6))
+                )
+                await wait_until(lambda: device.writes_started == 2)
+                await trio.sleep(0.1)
+                assert device.writes_started == 2
+            finally:
+                device.gate.set()
+            assert {await client.simple_reply() for _ in range(6)} == {(0, i) for i in range(6)}
+
+
+class _InstantAsync(AsyncMemDevice):
+    """Async reads that complete without ever yielding to the event loop."""
+
+    async def read(self, offset: int, length: int) -> bytes:  # type: ignore[override]
+        return bytes(self.data[offset : offset + length])
+
+
+async def test_backpressure_does_not_stall_when_in_flight_work_finishes_during_a_send() -> None:
+    # Each round: a READ that uses the whole budget, an unknown command whose error reply is
+    # queued, and a READ that must wait for room. While the engine sends the queued reply, the
+    # first READ may finish (trio picks the order); the engine must notice that instead of
+    # waiting for a wake-up that already happened. Many rounds make the race near certain.
+    rounds = 30
+    stream = b"".join(
+        request(READ, 3 * i, 0, 4096) + request(99, 3 * i + 1) + request(READ, 3 * i + 2, 0, 4096)
+        for i in range(rounds)
+    )
+    with trio.fail_after(10):
+        async with seam(_InstantAsync(), max_in_flight=4096) as (client, _):
+            await client.send(stream)
+            got = {}
+            with trio.move_on_after(5):
+                for _ in range(3 * rounds):
+                    error, cookie = await client.simple_reply()
+                    if error == 0:
+                        await client.recv_exactly(4096)
+                    got[cookie] = error
+            expected = {c: EINVAL if c % 3 == 1 else 0 for c in range(3 * rounds)}
+            assert got == expected, f"engine stalled after {len(got)} of {3 * rounds} replies"
+
+
+# -- capabilities ----------------------------------------------------------------------------
+
+
+class _ReadOnly(Device):
+    blocking = False
+
+    def __init__(self) -> None:
+        self.size = 1 << 16
+
+    def read(self, offset: int, length: int) -> bytes:
+        return b"r" * length
+
+
+async def test_device_without_write_is_read_only() -> None:
+    with trio.fail_after(10):
+        async with seam(_ReadOnly()) as (client, export):
+            assert export.flags & T_READ_ONLY
+            assert not export.flags & (T_SEND_WRITE_ZEROES | T_SEND_TRIM | T_SEND_FUA)
+            assert await client.write(0, b"payload") == EPERM
+            assert await client.call(WRITE_ZEROES, 2, 0, 10) == EPERM
+            assert await client.call(TRIM, 3, 0, 10) == EPERM
+            assert await client.read(0, 3) == b"rrr"  # the payload was consumed
+
+
+async def test_read_only_export_of_a_writable_device() -> None:
+    device = MemDevice()
+    with trio.fail_after(10):
+        async with seam(device, read_only=True) as (client, export):
+            assert export.flags & T_READ_ONLY
+            assert await client.write(0, b"payload") == EPERM
+            assert await client.read(0, 7) == bytes(7)
+    assert "write" not in device.calls
+
+
+class _NoTrim(Device):
+    blocking = False
+
+    def __init__(self) -> None:
+        self.size = 1 << 16
+        self.data = bytearray(self.size)
+        self.calls: list[tuple[str, int, int]] = []
+
+    def read(self, offset: int, length: int) -> bytes:
+        return bytes(self.data[offset : offset + length])
+
+    def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        self.calls.append(("write", offset, len(data)))
+        self.data[offset : offset + len(data)] = data
+
+
+async def test_device_without_trim_gets_no_trim() -> None:
+    device = _NoTrim()
+    with trio.fail_after(10):
+        async with seam(device) as (client, export):
+            assert not export.flags & T_SEND_TRIM
+            assert not export.flags & (T_SEND_FLUSH | T_SEND_FUA)  # no flush either
+            assert export.flags & T_HAS_FLAGS
+            assert await client.call(TRIM, 1, 0, 512) == EINVAL
+            assert await client.call(FLUSH, 2) == EINVAL
+            assert await client.call(CACHE, 3, 0, 512) == EINVAL
+            assert await client.write(0, b"x", flags=F_FUA) == EINVAL
+            assert await client.read(0, 1) == b"\0"
+    assert device.calls == []
+
+
+async def test_zero_is_emulated_with_writes_and_fast_zero_is_refused() -> None:
+    device = _NoTrim()
+    device.data[:] = b"\xff" * device.size
+    with trio.fail_after(10):
+        async with seam(device) as (client, export):
+            assert export.flags & T_SEND_WRITE_ZEROES
+            assert export.flags & T_SEND_FAST_ZERO
+            assert await client.call(WRITE_ZEROES, 1, 100, 5000, F_NO_HOLE) == 0
+            assert await client.read(96, 5008) == b"\xff" * 4 + bytes(5000) + b"\xff" * 4
+            calls_before = list(device.calls)
+            assert await client.call(WRITE_ZEROES, 2, 0, 10, F_FAST_ZERO) == ENOTSUP
+            assert await client.read(0, 10) == b"\xff" * 10
+    assert calls_before == [("write", 100, 5000)]
+    assert device.calls == calls_before  # the fast request never reached the device
+
+
+async def test_large_zero_emulation_is_written_in_chunks() -> None:
+    class Big(_NoTrim):
+        def __init__(self) -> None:
+            super().__init__()
+            self.size = 3 << 20
+            self.data = bytearray(b"\x01") * self.size
+
+    device = Big()
+    with trio.fail_after(10):
+        async with seam(device) as (client, _):
+            assert await client.call(WRITE_ZEROES, 1, 1, (3 << 20) - 2) == 0
+    assert device.data[0] == 1
+    assert device.data[-1] == 1
+    assert device.data[1:-1] == bytes((3 << 20) - 2)
+    assert all(length <= 1 << 20 for _, _, length in device.calls)
+    assert sum(length for _, _, length in device.calls) == (3 << 20) - 2
+
+
+@pytest.mark.parametrize("device_type", [MemDevice, ThreadedMemDevice, AsyncMemDevice])
+async def test_fua_is_emulated_by_flushing_after_the_write(device_type: type[Device]) -> None:
+    device = device_type()
+    with trio.fail_after(10):
+        async with seam(device) as (client, export):
+            assert export.flags & T_SEND_FUA
+            assert await client.write(0, b"abc") == 0
+            assert device.calls == ["write"]  # type: ignore[attr-defined]
+            assert await client.write(0, b"abc", flags=F_FUA) == 0
+            assert device.calls == ["write", "write", "flush"]  # type: ignore[attr-defined]
+            assert await client.call(TRIM, 3, 0, 1, F_FUA) == 0
+            assert device.calls[-2:] == ["trim", "flush"]  # type: ignore[attr-defined]
+
+
+# -- close -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device_type", [MemDevice, ThreadedMemDevice, AsyncMemDevice])
+async def test_aclose_flushes_closes_once_and_later_calls_fail(device_type: type[Device]) -> None:
+    device = device_type()
+    export = Export(device)
+    with trio.fail_after(10):
+        await export.write(0, memoryview(b"x"), False)
+        await export.aclose()
+        await export.aclose()
+        assert device.closed == 1  # type: ignore[attr-defined]
+        assert device.calls[-1] == "flush"  # type: ignore[attr-defined]
+        assert export.closed
+        for call in (
+            export.read(0, 1),
+            export.write(0, memoryview(b"x"), False),
+            export.flush(),
+            export.trim(0, 1, False),
+            export.zero(0, 1, may_trim=True, fua=False, fast=False),
+        ):
+            with pytest.raises(DeviceError) as info:
+                await call
+            assert info.value.errno == errno.ESHUTDOWN
+    assert device.closed == 1  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("device_type", [MemDevice, ThreadedMemDevice])
+async def test_requests_after_close_get_errors_and_stay_in_sync(device_type: type[Device]) -> None:
+    device = device_type()
+    with trio.fail_after(10):
+        async with seam(device) as (client, export):
+            assert await client.write(0, b"x") == 0
+            await export.aclose()
+            await client.send(request(READ, 1, 0, 4) + request(WRITE, 2, 0, 2) + b"zz")
+            got = {await client.simple_reply(), await client.simple_reply()}
+            assert got == {(ESHUTDOWN, 1), (ESHUTDOWN, 2)}  # no data after the READ error
+            await client.send(request(FLUSH, 3))
+            assert await client.simple_reply() == (ESHUTDOWN, 3)
+    assert device.closed == 1  # type: ignore[attr-defined]
+
+
+def test_negative_size_is_refused() -> None:
+    device = MemDevice()
+    device.size = -1
+    with pytest.raises(ValueError, match="negative"):
+        Export(device)
+
+
+def test_export_flags_follow_the_device() -> None:
+    full = Export(MemDevice()).flags
+    assert full & T_SEND_FLUSH
+    assert full & T_SEND_FUA
+    assert full & T_SEND_TRIM
+    assert full & T_SEND_WRITE_ZEROES
+    assert not full & T_READ_ONLY
+    assert int(full) < 1 << 16  # fits the 16-bit field on the wire
