@@ -108,6 +108,10 @@ class Connection:
         read_ok = simple and inline and session.min_block == 1
         write_ok = inline and export.can_write and session.min_block == 1
         out = self._out
+        # Replies to oversized WRITEs wait until their payload has been drained: a client
+        # (libnbd) that gets a reply while it is still sending the request drops the
+        # connection ("no matching cookie").
+        held: list[bytes] = []
         pack = SIMPLE_REPLY.pack
         magic = SIMPLE_REPLY_MAGIC
         while True:
@@ -147,7 +151,11 @@ class Connection:
                         length,
                         error.name,
                     )
-                    out.extend(self._error_reply(cookie, command, error, "request refused"))
+                    reply = self._error_reply(cookie, command, error, "request refused")
+                    if buffer.discarding:
+                        held.extend(reply)
+                    else:
+                        out.extend(reply)
                     continue
                 if command in _WRITES:
                     self._dirty = True
@@ -173,6 +181,9 @@ class Connection:
                 nursery.start_soon(
                     self._task, seq, cost, command, flags, cookie, offset, length, payload
                 )
+            if held and not buffer.discarding:
+                out.extend(held)
+                held.clear()
             await self._send_pending()
             space = buffer.space()
             received = await self.transport.recv_into(space)

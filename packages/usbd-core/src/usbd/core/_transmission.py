@@ -151,6 +151,11 @@ class RequestBuffer:
         return self._end - self._start
 
     @property
+    def discarding(self) -> bool:
+        """True while the payload of an oversized WRITE is still arriving to be dropped."""
+        return bool(self._discard)
+
+    @property
     def idle(self) -> bool:
         """True between requests: nothing partial is buffered or being discarded."""
         return self._start == self._end and not self._discard
