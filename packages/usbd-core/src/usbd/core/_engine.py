@@ -16,12 +16,22 @@ import math
 
 import trio
 
-from ._constants import SIMPLE_REPLY_MAGIC, Command, CommandFlag, Errno
+from ._constants import (
+    REPLY_FLAG_DONE,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    ChunkType,
+    Command,
+    CommandFlag,
+    Errno,
+    ExtentFlag,
+)
 from ._device import BytesLike
 from ._errors import ProtocolError, nbd_errno
 from ._export import Export, drive
 from ._handshake import BASE_ALLOCATION_ID
 from ._transmission import (
+    OFFSET_DATA_HEADER,
     SIMPLE_REPLY,
     RequestBuffer,
     Session,
@@ -40,11 +50,30 @@ log = logging.getLogger("usbd.core.engine")
 
 #: Reads at least this long are split into data and hole chunks when the device has extents.
 _SPARSE_READ_MIN = 64 * 1024
-_WRITES = (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES)
+# Commands and flags as plain ints: attribute access on an enum class and IntFlag operators
+# each cost far more than the int operation they stand for, on every request.
+_READ = int(Command.READ)
+_WRITE = int(Command.WRITE)
+_DISC = int(Command.DISC)
+_FLUSH = int(Command.FLUSH)
+_TRIM = int(Command.TRIM)
+_CACHE = int(Command.CACHE)
+_WRITE_ZEROES = int(Command.WRITE_ZEROES)
+_BLOCK_STATUS = int(Command.BLOCK_STATUS)
+_FUA = int(CommandFlag.FUA)
+_NO_HOLE = int(CommandFlag.NO_HOLE)
+_DF = int(CommandFlag.DF)
+_REQ_ONE = int(CommandFlag.REQ_ONE)
+_FAST_ZERO = int(CommandFlag.FAST_ZERO)
+_ZERO_EXTENT = int(ExtentFlag.ZERO)
+_WRITES = (_WRITE, _TRIM, _WRITE_ZEROES)
 
 
 class Connection:
-    """Serve one connection whose handshake is over (or that never had one: the kernel)."""
+    """Serve one connection whose handshake is over (or that never had one: the kernel).
+
+    The connection owns its transport and closes it when :meth:`serve` returns.
+    """
 
     def __init__(
         self,
@@ -83,6 +112,7 @@ class Connection:
         except* TransportClosed as group:
             log.info("%s: peer went away: %s", self.name, group.exceptions[0])
         finally:
+            self.transport.close()
             if self._dirty and not self.export.closed:
                 with trio.CancelScope(shield=True):
                     try:
@@ -105,7 +135,13 @@ class Connection:
         device = export.device
         size = session.size
         max_payload = session.max_payload
-        read_ok = simple and inline and session.min_block == 1
+        read_ok = inline and session.min_block == 1
+        # Structured reads take the fast path too, unless they should be split into holes.
+        sparse_min = _SPARSE_READ_MIN if export.can_extents else 1 << 64
+        data_header = OFFSET_DATA_HEADER.pack
+        data_magic = STRUCTURED_REPLY_MAGIC
+        data_done = REPLY_FLAG_DONE
+        data_type = int(ChunkType.OFFSET_DATA)
         write_ok = inline and export.can_write and session.min_block == 1
         out = self._out
         # Replies to oversized WRITEs wait until their payload has been drained: a client
@@ -119,13 +155,20 @@ class Connection:
                 command, flags, cookie, offset, length, payload = request
                 # The fast path: plain inline READ and WRITE, checked in one comparison.
                 if not flags and 0 < length <= max_payload and offset + length <= size:
-                    if command == 0 and read_ok:
+                    if command == 0 and read_ok and (simple or length < sparse_min):
                         try:
                             data = export.check_read(device.read(offset, length), length)
                         except Exception as exc:
                             out.append(self._error(cookie, command, exc))
                         else:
-                            out.append(pack(magic, 0, cookie))
+                            if simple:
+                                out.append(pack(magic, 0, cookie))
+                            else:
+                                out.append(
+                                    data_header(
+                                        data_magic, data_done, data_type, cookie, length + 8, offset
+                                    )
+                                )
                             out.append(data)
                         continue
                     if command == 1 and write_ok and payload is not None:
@@ -137,7 +180,7 @@ class Connection:
                         else:
                             out.append(pack(magic, 0, cookie))
                         continue
-                if command == Command.DISC:
+                if command == _DISC:
                     log.debug("%s: client sent DISC", self.name)
                     return
                 error = check(session, command, flags, offset, length)
@@ -164,7 +207,7 @@ class Connection:
                         drive(self._execute(command, flags, cookie, offset, length, payload))
                     )
                     continue
-                cost = length if command in (Command.READ, Command.WRITE) else 0
+                cost = length if command in (_READ, _WRITE) else 0
                 while self._in_flight and self._in_flight + cost > self._max_in_flight:
                     # A fresh event before sending: work that finishes during the send
                     # must find it, or the wait below would miss that wake-up for good.
@@ -205,7 +248,7 @@ class Connection:
         payload: memoryview | None,
     ) -> None:
         try:
-            if command == Command.FLUSH:
+            if command == _FLUSH:
                 await self._barrier(seq)
             chunks = await self._execute(command, flags, cookie, offset, length, payload)
         finally:
@@ -239,30 +282,30 @@ class Connection:
     ) -> list[BytesLike]:
         """Carry out a checked request; return the reply chunks (errors included)."""
         export = self.export
-        fua = bool(flags & CommandFlag.FUA)
+        fua = bool(flags & _FUA)
         try:
-            if command == Command.READ:
+            if command == _READ:
                 return await self._read(cookie, offset, length, flags)
-            if command == Command.WRITE:
+            if command == _WRITE:
                 assert payload is not None
                 await export.write(offset, payload, fua)
-            elif command == Command.FLUSH:
+            elif command == _FLUSH:
                 await export.flush()
-            elif command == Command.TRIM:
+            elif command == _TRIM:
                 await export.trim(offset, length, fua)
-            elif command == Command.WRITE_ZEROES:
+            elif command == _WRITE_ZEROES:
                 await export.zero(
                     offset,
                     length,
-                    may_trim=not flags & CommandFlag.NO_HOLE,
+                    may_trim=not flags & _NO_HOLE,
                     fua=fua,
-                    fast=bool(flags & CommandFlag.FAST_ZERO),
+                    fast=bool(flags & _FAST_ZERO),
                 )
-            elif command == Command.CACHE:
+            elif command == _CACHE:
                 await export.cache(offset, length)
-            elif command == Command.BLOCK_STATUS:
+            elif command == _BLOCK_STATUS:
                 runs = await export.extents(offset, length)
-                if flags & CommandFlag.REQ_ONE:
+                if flags & _REQ_ONE:
                     runs = runs[:1]
                 return [block_status_reply(cookie, BASE_ALLOCATION_ID, runs)]
             else:  # pragma: no cover - check() lets nothing else through
@@ -276,7 +319,7 @@ class Connection:
         if not self.session.structured_replies:
             return [simple_reply(cookie), await export.read(offset, length)]
         runs = [(length, 0)]
-        if export.can_extents and length >= _SPARSE_READ_MIN and not flags & CommandFlag.DF:
+        if export.can_extents and length >= _SPARSE_READ_MIN and not flags & _DF:
             runs = await export.extents(offset, length)
         chunks: list[BytesLike] = []
         pos = offset
@@ -284,7 +327,7 @@ class Connection:
         for i, (run_length, run_flags) in enumerate(runs):
             run = min(run_length, end - pos)
             done = i == len(runs) - 1 or pos + run >= end
-            if run_flags & 2:  # ExtentFlag.ZERO: no need to read it
+            if run_flags & _ZERO_EXTENT:  # reads as zeros: say so instead of reading
                 chunks.append(structured_hole_reply(cookie, pos, run, done))
             else:
                 data = await export.read(pos, run)
@@ -308,7 +351,7 @@ class Connection:
     def _error_reply(self, cookie: int, command: int, error: Errno, message: str) -> list[bytes]:
         # A structured client must get READ and BLOCK_STATUS errors as error chunks; a simple
         # reply never carries a payload after an error (the original project's desync bug).
-        if self.session.structured_replies and command in (Command.READ, Command.BLOCK_STATUS):
+        if self.session.structured_replies and command in (_READ, _BLOCK_STATUS):
             return [structured_error_reply(cookie, int(error), message)]
         return [simple_reply(cookie, int(error))]
 

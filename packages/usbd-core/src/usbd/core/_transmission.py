@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from ._constants import (
@@ -43,11 +43,16 @@ __all__ = [
 REQUEST_HEADER: Final = struct.Struct(">IHHQQI")
 SIMPLE_REPLY: Final = struct.Struct(">IIQ")
 STRUCTURED_HEADER: Final = struct.Struct(">IHHQI")
-_OFFSET_DATA_HEADER: Final = struct.Struct(">IHHQIQ")
+OFFSET_DATA_HEADER: Final = struct.Struct(">IHHQIQ")
 
 #: A decoded request: (command, flags, cookie, offset, length, payload or None).
 Request = tuple[int, int, int, int, int, memoryview | None]
 
+# Plain ints throughout: every IntFlag operator goes through enum machinery (about a
+# microsecond each), and check() runs for every request that misses the fast path.
+_FUA: Final = int(CommandFlag.FUA)
+_DF: Final = int(CommandFlag.DF)
+_FAST_ZERO: Final = int(CommandFlag.FAST_ZERO)
 _ALL_FLAGS: Final = int(
     CommandFlag.FUA
     | CommandFlag.NO_HOLE
@@ -55,21 +60,33 @@ _ALL_FLAGS: Final = int(
     | CommandFlag.REQ_ONE
     | CommandFlag.FAST_ZERO
 )
+_READ: Final = int(Command.READ)
+_WRITE: Final = int(Command.WRITE)
+_DISC: Final = int(Command.DISC)
+_FLUSH: Final = int(Command.FLUSH)
+_WRITE_ZEROES: Final = int(Command.WRITE_ZEROES)
+_BLOCK_STATUS: Final = int(Command.BLOCK_STATUS)
 # The flag each command needs advertised before a client may send it.
 _NEEDS: Final = {
-    Command.FLUSH: TransmissionFlag.SEND_FLUSH,
-    Command.TRIM: TransmissionFlag.SEND_TRIM,
-    Command.WRITE_ZEROES: TransmissionFlag.SEND_WRITE_ZEROES,
-    Command.CACHE: TransmissionFlag.SEND_CACHE,
+    int(Command.FLUSH): int(TransmissionFlag.SEND_FLUSH),
+    int(Command.TRIM): int(TransmissionFlag.SEND_TRIM),
+    int(Command.WRITE_ZEROES): int(TransmissionFlag.SEND_WRITE_ZEROES),
+    int(Command.CACHE): int(TransmissionFlag.SEND_CACHE),
 }
 # The only command each command-specific flag may accompany (FUA goes with any command).
-_FLAG_OWNER: Final = (
-    (CommandFlag.NO_HOLE, Command.WRITE_ZEROES),
-    (CommandFlag.FAST_ZERO, Command.WRITE_ZEROES),
-    (CommandFlag.DF, Command.READ),
-    (CommandFlag.REQ_ONE, Command.BLOCK_STATUS),
+_FLAG_OWNER: Final = tuple(
+    (int(flag), int(command))
+    for flag, command in (
+        (CommandFlag.NO_HOLE, Command.WRITE_ZEROES),
+        (CommandFlag.FAST_ZERO, Command.WRITE_ZEROES),
+        (CommandFlag.DF, Command.READ),
+        (CommandFlag.REQ_ONE, Command.BLOCK_STATUS),
+    )
 )
-_WRITES: Final = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
+_WRITES: Final = frozenset({_WRITE, int(Command.TRIM), _WRITE_ZEROES})
+_SEND_FUA: Final = int(TransmissionFlag.SEND_FUA)
+_SEND_FAST_ZERO: Final = int(TransmissionFlag.SEND_FAST_ZERO)
+_READ_ONLY: Final = int(TransmissionFlag.READ_ONLY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,10 +99,15 @@ class Session:
     base_allocation: bool = False
     min_block: int = 1
     max_payload: int = 32 * 1024 * 1024
+    #: ``flags`` as a plain int, for cheap tests on the request path.
+    raw_flags: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "raw_flags", int(self.flags))
 
     @property
     def read_only(self) -> bool:
-        return bool(self.flags & TransmissionFlag.READ_ONLY)
+        return bool(self.raw_flags & _READ_ONLY)
 
 
 def check(session: Session, command: int, flags: int, offset: int, length: int) -> Errno | None:
@@ -94,37 +116,39 @@ def check(session: Session, command: int, flags: int, offset: int, length: int) 
     The order matters only for which error a request with several faults gets; it follows
     the specification's advice (and nbdkit): permission, then range, then flags.
     """
-    if command in _WRITES and session.read_only:
+    advertised = session.raw_flags
+    if command in _WRITES and advertised & _READ_ONLY:
         return Errno.EPERM
-    if command == Command.FLUSH:
+    if command == _FLUSH:
         if offset or length:
             return Errno.EINVAL
-    elif Command.READ <= command <= Command.BLOCK_STATUS and command != Command.DISC:
+    elif _READ <= command <= _BLOCK_STATUS and command != _DISC:
         if length == 0 or offset + length > session.size:
-            if command in (Command.WRITE, Command.WRITE_ZEROES):
+            if command in (_WRITE, _WRITE_ZEROES):
                 return Errno.ENOSPC
             return Errno.EINVAL
         if session.min_block > 1 and (offset | length) % session.min_block:
             return Errno.EINVAL
     else:
         return Errno.EINVAL
-    if flags & ~_ALL_FLAGS:
-        return Errno.EINVAL
-    for flag, owner in _FLAG_OWNER:
-        if flags & flag and command != owner:
+    if flags:
+        if flags & ~_ALL_FLAGS:
             return Errno.EINVAL
-    if flags & CommandFlag.FUA and not session.flags & TransmissionFlag.SEND_FUA:
+        for flag, owner in _FLAG_OWNER:
+            if flags & flag and command != owner:
+                return Errno.EINVAL
+        if flags & _FUA and not advertised & _SEND_FUA:
+            return Errno.EINVAL
+        if flags & _DF and not session.structured_replies:
+            return Errno.EINVAL
+        if flags & _FAST_ZERO and not advertised & _SEND_FAST_ZERO:
+            return Errno.EINVAL
+    if command <= _WRITE and length > session.max_payload:
         return Errno.EINVAL
-    if flags & CommandFlag.DF and not session.structured_replies:
+    needed = _NEEDS.get(command)
+    if needed is not None and not advertised & needed:
         return Errno.EINVAL
-    if flags & CommandFlag.FAST_ZERO and not session.flags & TransmissionFlag.SEND_FAST_ZERO:
-        return Errno.EINVAL
-    if command in (Command.READ, Command.WRITE) and length > session.max_payload:
-        return Errno.EINVAL
-    needed = _NEEDS.get(Command(command))
-    if needed is not None and not session.flags & needed:
-        return Errno.EINVAL
-    if command == Command.BLOCK_STATUS and not session.base_allocation:
+    if command == _BLOCK_STATUS and not session.base_allocation:
         return Errno.EINVAL
     return None
 
@@ -194,7 +218,7 @@ class RequestBuffer:
         if self.pending < REQUEST_SIZE:
             return REQUEST_SIZE
         _, _, command, _, _, length = REQUEST_HEADER.unpack_from(self._buf, self._start)
-        if command == Command.WRITE and length <= self._max_payload:
+        if command == _WRITE and length <= self._max_payload:
             return REQUEST_SIZE + int(length)
         return REQUEST_SIZE
 
@@ -206,7 +230,7 @@ class RequestBuffer:
         magic, flags, command, cookie, offset, length = REQUEST_HEADER.unpack_from(self._buf, start)
         if magic != REQUEST_MAGIC:
             raise ProtocolError(f"bad request magic {magic:#x}")
-        if command != Command.WRITE:
+        if command != _WRITE:
             self._start = start + REQUEST_SIZE
             return command, flags, cookie, offset, length, None
         if length > self._max_payload:
@@ -228,7 +252,7 @@ def simple_reply(cookie: int, error: int = 0) -> bytes:
 
 def structured_data_header(cookie: int, offset: int, length: int, done: bool = True) -> bytes:
     """Header of an OFFSET_DATA chunk; ``length`` bytes of data must follow it."""
-    return _OFFSET_DATA_HEADER.pack(
+    return OFFSET_DATA_HEADER.pack(
         STRUCTURED_REPLY_MAGIC,
         REPLY_FLAG_DONE if done else 0,
         ChunkType.OFFSET_DATA,

@@ -12,8 +12,11 @@ Every call answers at once from memory, so the device runs inline on the event l
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
+import platform
+import sys
 from collections.abc import Iterator
 
 from usbd.core import Device, DeviceError, Extent, ExtentFlag
@@ -23,7 +26,13 @@ __all__ = ["CHUNK", "RamDisk"]
 CHUNK_SHIFT = 16
 CHUNK = 1 << CHUNK_SHIFT
 _PAGE = mmap.PAGESIZE
-_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+# Python < 3.13 lacks mmap.MAP_NORESERVE; without it the whole size counts against the
+# kernel's overcommit heuristic and a ramdisk larger than RAM cannot even be created.
+# 0x4000 is its value on Linux wherever the generic flag values apply.
+_GENERIC = {"x86_64", "i686", "aarch64", "riscv64", "s390x"}
+_GENERIC_LINUX = sys.platform == "linux" and platform.machine() in _GENERIC
+_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if _GENERIC_LINUX else 0)
+_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _NORESERVE
 _HOLE = ExtentFlag.HOLE | ExtentFlag.ZERO
 
 
@@ -42,16 +51,20 @@ class RamDisk(Device):
             raise ValueError(f"ramdisk size must be positive, got {size}")
         self.size = size
         self._mem: mmap.mmap | None = _anonymous(size)
+        self._view: memoryview | None = memoryview(self._mem)
         self._map: mmap.mmap | None = _anonymous((size + CHUNK - 1) >> CHUNK_SHIFT)
 
     def _closed(self) -> DeviceError:
         return DeviceError(errno.ESHUTDOWN, "ramdisk is closed")
 
-    def read(self, offset: int, length: int) -> bytes:
-        mem = self._mem
-        if mem is None:
+    def read(self, offset: int, length: int) -> memoryview:
+        # A view, not a copy: copying a 1 MiB read into fresh memory costs more than sending
+        # it. A write racing with this read (sent before its reply arrived) may show through,
+        # which NBD allows for overlapping requests in flight.
+        view = self._view
+        if view is None:
             raise self._closed()
-        return mem[offset : offset + length]
+        return view[offset : offset + length]
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
         mem, used = self._mem, self._map
@@ -132,7 +145,12 @@ class RamDisk(Device):
             chunk = stop
 
     def close(self) -> None:
+        if self._view is not None:
+            self._view.release()
         for mapping in (self._mem, self._map):
             if mapping is not None:
-                mapping.close()
-        self._mem = self._map = None
+                # BufferError: a reply still holds a view of the memory; it is unmapped
+                # when that view goes.
+                with contextlib.suppress(BufferError):
+                    mapping.close()
+        self._mem = self._map = self._view = None
