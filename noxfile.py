@@ -2,8 +2,8 @@
 
 Each package's unit tests run in an environment that holds only that package and what it
 declares, so an undeclared import fails here rather than on a user's machine. Slow cases
-(``@pytest.mark.slow``) are left out unless a session is given ``-- -m slow`` or the ``slow``
-session runs them.
+(``@pytest.mark.slow``) are deselected by the shared pytest configuration unless a session is
+given ``-- -m slow`` or the ``slow`` session runs them.
 """
 
 from __future__ import annotations
@@ -20,12 +20,10 @@ PACKAGES: dict[str, list[str]] = {
     "usbd-ramdisk": ["./packages/usbd-core[testing]", "./packages/usbd-ramdisk"],
 }
 ALL = ["./packages/usbd-core[testing]", "./packages/usbd-ramdisk"]
-FAST = ["-m", "not slow"]
 
 
 def _pytest(session: nox.Session, *paths: str) -> None:
-    args = session.posargs or FAST
-    session.run("pytest", "--import-mode=importlib", *args, *paths)
+    session.run("pytest", "--import-mode=importlib", *session.posargs, *paths)
 
 
 @nox.session

@@ -81,9 +81,9 @@ def test_negotiated_flags(server: UsbdServer, connect: Connect, libnbd: ModuleTy
         "can_fast_zero",
         "can_df",
         "can_multi_conn",
+        "can_cache",
     ):
         assert getattr(h, can)() is True, can
-    assert h.can_cache() is False
     assert h.can_meta_context(libnbd.CONTEXT_BASE_ALLOCATION) is True
     assert h.get_block_size(libnbd.SIZE_MINIMUM) == 1
     assert h.get_block_size(libnbd.SIZE_PREFERRED) == 4096
@@ -291,16 +291,17 @@ def test_zero(disk: Handle, libnbd: ModuleType, flag_names: tuple[str, ...]) -> 
         assert runs[0] == (512 * KiB, HOLE | ZERO)
 
 
-def test_cache_is_not_advertised(server: UsbdServer, disk: Handle, libnbd: ModuleType) -> None:
-    """The ramdisk has nothing to prefetch: CACHE is not advertised, libnbd refuses it, and
-    the server answers EINVAL when it is sent anyway."""
-    assert disk.can_cache() is False
-    with pytest.raises(libnbd.Error) as caught:
-        disk.cache(4096, 0)
-    assert caught.value.errno == "EINVAL"
+def test_cache(server: UsbdServer, disk: Handle, libnbd: ModuleType) -> None:
+    """The ramdisk holds everything in memory already: CACHE is advertised and answered,
+    changes nothing, and out of range it gets EINVAL like a read."""
+    assert disk.can_cache() is True
+    disk.pwrite(b"cached", 4096)
+    disk.cache(4096, 0)
+    disk.cache(server.size, 0)
+    assert disk.pread(6, 4096) == b"cached"
     disk.set_strict_mode(0)
     with pytest.raises(libnbd.Error) as caught:
-        disk.cache(4096, 0)
+        disk.cache(4096, server.size - 1)
     assert caught.value.errno == "EINVAL"
     assert_alive(disk, server.size)
 
@@ -365,7 +366,7 @@ ERROR_CASES: list[tuple[str, Callable[[Handle, ModuleType, int], object], str]] 
     ("zero-past-end", lambda h, n, size: h.zero(20, size - 10), "ENOSPC"),
     ("trim-past-end", lambda h, n, size: h.trim(20, size - 10), "EINVAL"),
     ("trim-fast-zero-flag", lambda h, n, size: h.trim(1, 0, n.CMD_FLAG_FAST_ZERO), "EINVAL"),
-    ("cache-not-advertised", lambda h, n, size: h.cache(1, 0), "EINVAL"),
+    ("cache-past-end", lambda h, n, size: h.cache(20, size - 10), "EINVAL"),
 ]
 
 

@@ -103,6 +103,12 @@ class RamDisk(Device):
                 target[offset : offset + step] = view[:step]
                 offset += step
 
+    def cache(self, offset: int, length: int) -> None:
+        # Everything is already in memory: advertising CACHE and answering at once is what
+        # nbdkit's memory plugin does too, and spares clients a refused request.
+        if self._mem is None:
+            raise self._closed()
+
     def _discard(self, offset: int, length: int) -> None:
         """Zero the range, returning whole pages to the system and forgetting whole chunks."""
         mem, used = self._mem, self._map
