@@ -324,9 +324,9 @@ class Connection:
         chunks: list[BytesLike] = []
         pos = offset
         end = offset + length
-        for i, (run_length, run_flags) in enumerate(runs):
+        for run_length, run_flags in runs:
             run = min(run_length, end - pos)
-            done = i == len(runs) - 1 or pos + run >= end
+            done = pos + run >= end
             if run_flags & _ZERO_EXTENT:  # reads as zeros: say so instead of reading
                 chunks.append(structured_hole_reply(cookie, pos, run, done))
             else:

@@ -137,16 +137,15 @@ class DeviceTests:
         responsible for cleaning up storage afterwards. The suite closes every device it
         made, exactly once, flushing first as the engine does.
 
-    ``reopen_device`` (required when ``persistent = True``)
+    ``reopen_device`` (persistent drivers, which subclass :class:`PersistentDeviceTests`)
         A fixture returning a function ``Device -> Device`` (plain or ``async def``): given
         a device the suite has flushed and closed, open its storage again and return the
-        new device. Persistent drivers set ``persistent = True`` and the suite then checks
-        that everything written survives reopening, directly and through the engine, and
-        adds reopening to the model-based test.
+        new device. The suite then checks that everything written survives reopening,
+        directly and through the engine, and adds reopening to the model-based test.
 
     Class attributes to tune the suite:
 
-    * ``persistent`` -- see above.
+    * ``persistent`` -- set by :class:`PersistentDeviceTests`; not to be set by hand.
     * ``trim_zeroes`` -- trimmed ranges read back as zeros. Otherwise the suite treats
       trimmed bytes as unspecified (NBD allows a trimmed range to read as anything).
     * ``device_size`` -- size of the devices most tests use (8 MiB); the full-device
