@@ -11,7 +11,7 @@ from __future__ import annotations
 import nox
 
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["lint", "tests", "integration"]
+nox.options.sessions = ["lint", "tests", "integration", "slow"]
 nox.options.error_on_missing_interpreters = True
 
 #: Each package with the local packages it needs installed alongside it (in order).
@@ -41,7 +41,7 @@ def integration(session: nox.Session) -> None:
     _pytest(session, "tests")
 
 
-@nox.session(default=False)
+@nox.session
 def slow(session: nox.Session) -> None:
     """Only the cases marked slow, across every package and tests/."""
     session.install(*ALL)

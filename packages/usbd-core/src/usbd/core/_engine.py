@@ -135,9 +135,13 @@ class Connection:
         device = export.device
         size = session.size
         max_payload = session.max_payload
-        read_ok = inline and session.min_block == 1
-        # Structured reads take the fast path too, unless they should be split into holes.
-        sparse_min = _SPARSE_READ_MIN if export.can_extents else 1 << 64
+        # The longest READ the fast path answers (0: none). Structured reads qualify too,
+        # unless they are long enough to be worth splitting into data and holes.
+        fast_read = max_payload if inline and session.min_block == 1 else 0
+        if not simple and export.can_extents:
+            fast_read = min(fast_read, _SPARSE_READ_MIN - 1)
+        read = device.read
+        write = device.write
         data_header = OFFSET_DATA_HEADER.pack
         data_magic = STRUCTURED_REPLY_MAGIC
         data_done = REPLY_FLAG_DONE
@@ -155,9 +159,11 @@ class Connection:
                 command, flags, cookie, offset, length, payload = request
                 # The fast path: plain inline READ and WRITE, checked in one comparison.
                 if not flags and 0 < length <= max_payload and offset + length <= size:
-                    if command == 0 and read_ok and (simple or length < sparse_min):
+                    if command == 0 and length <= fast_read:
                         try:
-                            data = export.check_read(device.read(offset, length), length)
+                            data = read(offset, length)
+                            if len(data) != length:
+                                data = export.check_read(data, length)
                         except Exception as exc:
                             out.append(self._error(cookie, command, exc))
                         else:
@@ -174,7 +180,7 @@ class Connection:
                     if command == 1 and write_ok and payload is not None:
                         self._dirty = True
                         try:
-                            device.write(offset, payload, False)
+                            write(offset, payload, False)
                         except Exception as exc:
                             out.append(self._error(cookie, command, exc))
                         else:

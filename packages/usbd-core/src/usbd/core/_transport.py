@@ -24,7 +24,8 @@ from ._device import BytesLike
 
 __all__ = ["CHECKPOINT_EVERY", "SocketTransport", "TransportClosed"]
 
-_IOV_BATCH = 512  # well under IOV_MAX (1024 on Linux)
+_IOV_BATCH = 512
+_JOIN_BELOW = 256 * 1024  # well under IOV_MAX (1024 on Linux)
 #: Successful socket calls between two scheduler checkpoints.
 CHECKPOINT_EVERY = 64
 #: Send buffer asked for: a 1 MiB read reply then leaves in one call instead of five.
@@ -76,6 +77,10 @@ class SocketTransport:
 
     async def send(self, chunks: Sequence[BytesLike]) -> None:
         sock = self.socket
+        if len(chunks) > 2:
+            total = sum(map(len, chunks))
+            if total <= _JOIN_BELOW:
+                chunks = [b"".join(chunks)]
         pending: list[BytesLike] = list(chunks)
         try:
             while pending:
