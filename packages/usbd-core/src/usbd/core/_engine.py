@@ -50,6 +50,8 @@ log = logging.getLogger("usbd.core.engine")
 
 #: Reads at least this long are split into data and hole chunks when the device has extents.
 _SPARSE_READ_MIN = 64 * 1024
+#: Non-blocking receives that may extend one batch before its replies are sent.
+_MAX_EXTRA_READS = 4
 # Commands and flags as plain ints: attribute access on an enum class and IntFlag operators
 # each cost far more than the int operation they stand for, on every request.
 _READ = int(Command.READ)
@@ -154,6 +156,7 @@ class Connection:
         held: list[bytes] = []
         pack = SIMPLE_REPLY.pack
         magic = SIMPLE_REPLY_MAGIC
+        extra = 0
         while True:
             while (request := buffer.pop()) is not None:
                 command, flags, cookie, offset, length, payload = request
@@ -233,6 +236,15 @@ class Connection:
             if held and not buffer.discarding:
                 out.extend(held)
                 held.clear()
+            if out and extra < _MAX_EXTRA_READS:
+                # More requests may have arrived while these were answered: take them into
+                # this batch, so that one send (and one wake-up of the client) covers more.
+                more = self.transport.try_recv_into(buffer.space())
+                if more:
+                    buffer.commit(more)
+                    extra += 1
+                    continue
+            extra = 0
             await self._send_pending()
             space = buffer.space()
             received = await self.transport.recv_into(space)

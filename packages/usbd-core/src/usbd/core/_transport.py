@@ -75,6 +75,18 @@ class SocketTransport:
         except OSError as exc:
             raise TransportClosed(str(exc) or type(exc).__name__) from exc
 
+    def try_recv_into(self, buffer: memoryview) -> int | None:
+        """Receive what is already there without waiting: None if nothing is.
+
+        End of stream is 0 as with :meth:`recv_into`; the caller sees it on its next wait.
+        """
+        try:
+            return self.socket.recv_into(buffer)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise TransportClosed(str(exc) or type(exc).__name__) from exc
+
     async def send(self, chunks: Sequence[BytesLike]) -> None:
         sock = self.socket
         if len(chunks) > 2:
