@@ -523,6 +523,32 @@ async def test_structured_read_of_a_sparse_device_sends_data_and_hole_chunks() -
             assert whole.payload[8:] == b"\x42" * (1 << 16) + bytes(1 << 16)
 
 
+class _DescribesAPrefix(MemDevice):
+    """Extents that stop after the first 64 KiB of a 128 KiB read (allowed by the contract)."""
+
+    def __init__(self) -> None:
+        super().__init__(1 << 17)
+        self.data[(1 << 16) + 5] = 7
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        return [Extent(0, 1 << 16, ExtentFlag.HOLE | ExtentFlag.ZERO)]
+
+
+async def test_structured_read_covers_what_the_extents_leave_out_with_one_done() -> None:
+    with trio.fail_after(10):
+        async with serving([Export(_DescribesAPrefix())], None) as connect:
+            client = await connect()
+            await client.go(structured=True)
+            await client.send(request(READ, 1, 0, 1 << 17))
+            hole = await client.chunk()
+            assert (hole.type, hole.flags, hole.cookie) == (CHUNK_OFFSET_HOLE, 0, 1)
+            assert hole.payload == struct.pack(">QI", 0, 1 << 16)
+            rest = await client.chunk()
+            assert (rest.type, rest.flags, rest.cookie) == (CHUNK_OFFSET_DATA, DONE, 1)
+            assert rest.payload[:8] == struct.pack(">Q", 1 << 16)
+            assert rest.payload[8:] == bytes(5) + b"\x07" + bytes((1 << 16) - 6)
+
+
 async def test_block_status_reports_the_device_extents() -> None:
     with trio.fail_after(10):
         async with serving([Export(_Sparse())], None) as connect:
