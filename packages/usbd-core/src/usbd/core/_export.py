@@ -31,6 +31,8 @@ T = TypeVar("T")
 #: Writing zeros for a device without ``zero``: this many bytes per write.
 _ZERO_CHUNK = 1024 * 1024
 _ZEROS = memoryview(bytes(_ZERO_CHUNK))
+#: The base:allocation bits an extent may carry (a plain int: it is used per extent).
+_EXTENT_FLAGS = int(ExtentFlag.HOLE | ExtentFlag.ZERO)
 
 
 def drive(coro: Coroutine[Any, Any, T]) -> T:
@@ -82,12 +84,21 @@ class Export:
         self.size = int(device.size)
         if self.size < 0:
             raise ValueError(f"device size must not be negative, got {self.size}")
+        #: Transmission flags derived from what the device implements.
+        self.flags = self._derive_flags(cls)
+        #: What clients are told about this export during the handshake.
+        self.info = ExportInfo(
+            name=name,
+            size=self.size,
+            flags=self.flags,
+            description=description,
+            min_block=cls.min_block_size,
+            preferred_block=max(cls.block_size, cls.min_block_size),
+            max_payload=max_payload,
+        )
 
-    @property
-    def flags(self) -> TransmissionFlag:
-        """Transmission flags derived from what the device implements."""
+    def _derive_flags(self, cls: type[Device]) -> TransmissionFlag:
         flags = TransmissionFlag.HAS_FLAGS
-        cls = type(self.device)
         if not self.can_write:
             flags |= TransmissionFlag.READ_ONLY
         else:
@@ -105,19 +116,6 @@ class Export:
         if cls.rotational:
             flags |= TransmissionFlag.ROTATIONAL
         return flags
-
-    @property
-    def info(self) -> ExportInfo:
-        cls = type(self.device)
-        return ExportInfo(
-            name=self.name,
-            size=self.size,
-            flags=self.flags,
-            description=self.description,
-            min_block=cls.min_block_size,
-            preferred_block=max(cls.block_size, cls.min_block_size),
-            max_payload=self.max_payload,
-        )
 
     # -- dispatch --------------------------------------------------------------------------
 
@@ -237,7 +235,7 @@ def normalise_extents(
             continue
         if start > pos:
             runs.append((start - pos, 0))
-        flags = int(extent.flags) & int(ExtentFlag.HOLE | ExtentFlag.ZERO)
+        flags = int(extent.flags) & _EXTENT_FLAGS
         if runs and runs[-1][1] == flags:
             runs[-1] = (runs[-1][0] + stop - start, flags)
         else:

@@ -36,18 +36,11 @@ def session_for(export: Export, negotiated: Negotiated | None = None) -> Session
     """The session for a connection on ``export``; without a handshake (the kernel) it is
     simple replies only."""
     info = export.info
-    if negotiated is None:
-        return Session(
-            size=info.size,
-            flags=info.flags,
-            min_block=info.min_block,
-            max_payload=info.max_payload,
-        )
     return Session(
         size=info.size,
-        flags=negotiated.flags,
-        structured_replies=negotiated.structured_replies,
-        base_allocation=negotiated.base_allocation,
+        flags=info.flags if negotiated is None else negotiated.flags,
+        structured_replies=negotiated is not None and negotiated.structured_replies,
+        base_allocation=negotiated is not None and negotiated.base_allocation,
         min_block=info.min_block,
         max_payload=info.max_payload,
     )

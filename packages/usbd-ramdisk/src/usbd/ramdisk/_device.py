@@ -34,6 +34,7 @@ _GENERIC_LINUX = sys.platform == "linux" and platform.machine() in _GENERIC
 _NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if _GENERIC_LINUX else 0)
 _FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _NORESERVE
 _HOLE = ExtentFlag.HOLE | ExtentFlag.ZERO
+_ZEROS = memoryview(bytes(1 << 20))
 
 
 def _anonymous(size: int) -> mmap.mmap:
@@ -95,13 +96,7 @@ class RamDisk(Device):
         mem = self._mem
         if mem is None:
             raise self._closed()
-        view = memoryview(bytes(min(length, 1 << 20)))
-        end = offset + length
-        with memoryview(mem) as target:
-            while offset < end:
-                step = min(len(view), end - offset)
-                target[offset : offset + step] = view[:step]
-                offset += step
+        self._zero_bytes(mem, offset, offset + length)
 
     def cache(self, offset: int, length: int) -> None:
         # Everything is already in memory: advertising CACHE and answering at once is what
@@ -130,8 +125,11 @@ class RamDisk(Device):
 
     @staticmethod
     def _zero_bytes(mem: mmap.mmap, start: int, end: int) -> None:
-        if start < end:
-            mem[start:end] = bytes(end - start)
+        """Write zeros over [start, end), a bounded buffer at a time."""
+        while start < end:
+            step = min(len(_ZEROS), end - start)
+            mem[start : start + step] = _ZEROS[:step]
+            start += step
 
     def extents(self, offset: int, length: int) -> Iterator[Extent]:
         used = self._map
