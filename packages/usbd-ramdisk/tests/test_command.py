@@ -50,8 +50,35 @@ def test_a_bad_size_is_one_line_naming_the_flag() -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_listen_is_required_until_kernel_attach() -> None:
-    result = run()
+def test_without_listen_it_attaches_to_the_kernel_or_says_in_one_line_why_not() -> None:
+    # /dev/nbd99999 never exists; what stops the attach depends on the machine: not root, no
+    # nbd in the kernel (this machine and CI: their kernel has none; tests/kernel boots one),
+    # or the missing device.
+    result = run("--store-size", "1MiB", "--attach=ioctl", "/dev/nbd99999")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("usbd-ramdisk: error: ")
+    assert (
+        ("no nbd support" in error and "--listen" in error)
+        or "needs root" in error
+        or "/dev/nbd99999 does not exist" in error
+    ), error
+    assert "as /dev/nbd99999 using driver mem" in result.stdout
+
+
+def test_attach_none_needs_listen() -> None:
+    result = run("--attach=none")
     assert result.returncode == 2
-    assert "--listen" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.strip() == (
+        "usbd-ramdisk: error: argument --attach: 'none' needs --listen (HOST:PORT or a unix path)"
+    )
+
+
+def test_a_device_that_is_not_nbd_is_refused() -> None:
+    result = run("/dev/sda")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "usbd-ramdisk: error: argument NBD_DEVICE: invalid NBD device '/dev/sda': "
+        "expected /dev/nbdN, e.g. /dev/nbd0"
+    ]

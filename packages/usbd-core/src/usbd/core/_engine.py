@@ -69,6 +69,7 @@ _REQ_ONE = int(CommandFlag.REQ_ONE)
 _FAST_ZERO = int(CommandFlag.FAST_ZERO)
 _ZERO_EXTENT = int(ExtentFlag.ZERO)
 _WRITES = (_WRITE, _TRIM, _WRITE_ZEROES)
+_COUNTED = 16
 
 
 class Connection:
@@ -114,6 +115,8 @@ class Connection:
         except* TransportClosed as group:
             log.info("%s: peer went away: %s", self.name, group.exceptions[0])
         finally:
+            # Shut down, not only close: the kernel's NBD_DO_IT returns only on the shutdown.
+            self.transport.shutdown()
             self.transport.close()
             if self._dirty and not self.export.closed:
                 with trio.CancelScope(shield=True):
@@ -157,9 +160,12 @@ class Connection:
         pack = SIMPLE_REPLY.pack
         magic = SIMPLE_REPLY_MAGIC
         extra = 0
+        counts = export.counts
         while True:
             while (request := buffer.pop()) is not None:
                 command, flags, cookie, offset, length, payload = request
+                if command < _COUNTED:
+                    counts[command] += 1
                 # The fast path: plain inline READ and WRITE, checked in one comparison.
                 if not flags and 0 < length <= max_payload and offset + length <= size:
                     if command == 0 and length <= fast_read:

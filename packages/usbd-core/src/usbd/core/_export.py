@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from ._constants import DEFAULT_MAX_PAYLOAD, ExtentFlag, TransmissionFlag
+from ._constants import DEFAULT_MAX_PAYLOAD, Command, ExtentFlag, TransmissionFlag
 from ._device import BytesLike, Device, Extent, Fua
 from ._errors import DeviceError
 from ._handshake import ExportInfo
@@ -79,6 +79,8 @@ class Export:
         self.native_fua = cls.fua is Fua.NATIVE
         self.can_fua = self.can_write and (self.native_fua or self.can_flush)
         self._closed = False
+        #: Requests received per command number (all connections), for the exit summary.
+        self.counts = [0] * 16
         self._limiter = trio.CapacityLimiter(max_workers if cls.parallel else 1)
         self._lock = trio.Lock() if self.is_async and not cls.parallel else None
         self.size = int(device.size)
@@ -215,6 +217,15 @@ class Export:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def request_counts(self) -> dict[str, int]:
+        """Requests received so far by command name (``read``, ``flush``...), zeros left out."""
+        names = {int(command): command.name.lower() for command in Command}
+        return {
+            names.get(number, f"command {number}"): count
+            for number, count in enumerate(self.counts)
+            if count
+        }
 
 
 def normalise_extents(
