@@ -1,4 +1,4 @@
-"""Sessions for the usbd monorepo: ``nox`` runs lint, each package's tests and integration.
+"""Sessions for the usbd monorepo: ``nox`` runs lint, each package's tests, integration and kernel.
 
 Each package's unit tests run in an environment that holds only that package and what it
 declares, so an undeclared import fails here rather than on a user's machine. Slow cases
@@ -11,7 +11,7 @@ from __future__ import annotations
 import nox
 
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["lint", "tests", "integration", "slow"]
+nox.options.sessions = ["lint", "tests", "integration", "slow", "kernel"]
 nox.options.error_on_missing_interpreters = True
 
 #: Each package with the local packages it needs installed alongside it (in order).
@@ -38,7 +38,7 @@ def tests(session: nox.Session, package: str) -> None:
 def integration(session: nox.Session) -> None:
     """Cross-package tests against real NBD clients (nbdinfo, nbdcopy, libnbd, qemu, fio)."""
     session.install(*ALL)
-    _pytest(session, "tests")
+    _pytest(session, "--ignore=tests/kernel", "tests")
 
 
 @nox.session
@@ -52,8 +52,20 @@ def slow(session: nox.Session) -> None:
         "slow",
         *session.posargs,
         *(f"packages/{package}/tests" for package in PACKAGES),
+        "--ignore=tests/kernel",
         "tests",
     )
+
+
+@nox.session
+def kernel(session: nox.Session) -> None:
+    """Tests inside a real Linux kernel with nbd.ko, in QEMU VMs (tests/kernel/vm.py).
+
+    The only session that runs tests/kernel, so it runs all of it, slow cases included
+    (``-m ""``; a ``-m`` among the posargs still wins). The guest runs this session's python.
+    """
+    session.install(*ALL)
+    session.run("pytest", "--import-mode=importlib", "-m", "", *session.posargs, "tests/kernel")
 
 
 @nox.session
