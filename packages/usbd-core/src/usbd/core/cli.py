@@ -174,8 +174,8 @@ def build_parser(driver: Driver, prog: str | None = None) -> argparse.ArgumentPa
         type=_count,
         default=None,
         metavar="N",
-        help="sockets between the kernel and the daemon (default: up to 4 when the device is "
-        "safe for several, else 1)",
+        help="sockets between the kernel and the daemon (default 1; more only for devices safe "
+        "for several connections, and then the kernel times requests out: see --timeout)",
     )
     _flag(
         kernel,
@@ -348,6 +348,9 @@ def main(driver: Driver, argv: Sequence[str] | None = None, prog: str | None = N
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
+    # Libraries' debug logs (pyroute2 dumps every netlink message) would drown ours.
+    for noisy in ("pyroute2", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
     kernel = _kernel_options(args, parser)
     try:
         device = driver.create(args)

@@ -165,13 +165,15 @@ class KernelExport:
         )
 
     def _connection_count(self) -> int:
-        multi = self.export.device.multi_conn
+        """One socket unless asked for more, as nbd-client does: with several, the kernel
+        applies a request timeout (30 s unless --timeout) and on expiry kills the socket the
+        request went out on, where with one and no timeout it only warns and keeps waiting."""
         wanted = self.options.connections
         if wanted is None:
-            return min(os.cpu_count() or 1, 4) if multi else 1
+            return 1
         if wanted < 1:
             raise KernelAttachError(errno.EINVAL, "--connections must be at least 1")
-        if wanted > 1 and not multi:
+        if wanted > 1 and not self.export.device.multi_conn:
             raise KernelAttachError(
                 errno.EINVAL,
                 f"--connections {wanted}: this device is not safe for several connections "
@@ -218,9 +220,11 @@ class KernelExport:
                 elif method == "netlink":
                     for connection in connections:
                         nursery.start_soon(connection.serve)
-                    index = await trio.to_thread.run_sync(
-                        self.netlink.connect, settings, fds, index
-                    )
+                    # From this thread, not a worker: the kernel records the caller's thread
+                    # id as the device's pid, and a worker thread may be gone long before the
+                    # process (then the device would look abandoned). CONNECT only starts the
+                    # kernel's receivers; no I/O waits on us inside it.
+                    index = self.netlink.connect(settings, fds, index)
                     _close_all(kernel_ends)
                 else:
                     assert index is not None

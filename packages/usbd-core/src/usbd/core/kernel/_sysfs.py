@@ -126,8 +126,25 @@ class NbdSystem:
         except OSError:
             # The file vanished between listing and reading, or cannot be read: in use.
             return Holder(pid=None, alive=True)
-        pid = int(text) if text.isdigit() else None
-        return Holder(pid=pid, alive=pid is None or self._alive(pid))
+        if not text.isdigit():
+            return Holder(pid=None, alive=True)
+        pid = int(text)
+        if not self._alive(pid):
+            return Holder(pid=pid, alive=False)
+        return Holder(pid=self._process_of(pid), alive=True)
+
+    def _process_of(self, tid: int) -> int:
+        """The kernel records the thread that connected (ioctl: the one in NBD_DO_IT); name
+        its process."""
+        try:
+            status = (self.root / "proc" / str(tid) / "status").read_text()
+        except OSError:
+            return tid
+        for line in status.splitlines():
+            key, _, value = line.partition(":")
+            if key == "Tgid" and value.strip().isdigit():
+                return int(value)
+        return tid
 
     def _alive(self, pid: int) -> bool:
         """A zombie still has /proc/PID but will never serve again."""
