@@ -113,17 +113,18 @@ def test_fio_verify_on_two_devices_at_once(vm: VM) -> None:
                 --bs=4k --size=4M --offset_increment=32M --numjobs=3 --verify=crc32c \
                 --verify_fatal=1 --group_reporting --output-format=terse --eta=never \
                 --output=/tmp/fio.$(basename $dev) &
+            fio_pids="${fio_pids:-} $!"
         done
-        wait
+        wait $fio_pids  # not a bare wait: the daemons are this shell's children too
         for dev in nbd0 nbd2; do
-            echo "fio $dev: errors=$(cut -d';' -f5 /tmp/fio.$dev)"
+            echo "fio $dev: errors=$(tail -n 1 /tmp/fio.$dev | cut -d';' -f5)"
         done
         stop one
         stop two
         """,
     )
     out = result.output
-    assert "fio nbd0: errors=0" in out
+    assert "fio nbd0: errors=0" in out, out
     assert "fio nbd2: errors=0" in out
     for name in ("one", "two"):
         assert f"daemon {name} exit 0" in out
