@@ -344,13 +344,14 @@ def kvm_usable() -> bool:
 def _setup(kernel: Kernel) -> str:
     """The rest of the guest's mounts, run by the initramfs's busybox before switch_root.
 
-    Fresh tmpfs on /tmp, /run and /dev/shm hide the host's; the prepared kernel's modules
+    Fresh tmpfs on /run and /dev/shm hide the host's; /tmp is left to the overlay (writable,
+    in guest RAM), since a tmpfs there would hide a checkout or venv under the host's /tmp, as
+    CI's may be. The prepared kernel's modules
     appear at ``/lib/modules/<version>`` (where the host's path resolves, as ``/lib`` is
     often a symlink) so that ``modprobe`` works in the guest.
     """
     guest_modules = Path("/lib/modules").resolve() / kernel.version
     mounts = [
-        ("-t tmpfs -o mode=1777 tmpfs", "/tmp"),
         ("-t tmpfs -o mode=0755 tmpfs", "/run"),
         ("-t tmpfs -o mode=1777 tmpfs", "/dev/shm"),
         ("-t devpts -o gid=5,mode=620,ptmxmode=666 devpts", "/dev/pts"),
