@@ -130,10 +130,11 @@ def reconfigure_attrs(settings: Connect, fds: Sequence[int], index: int) -> list
 def netlink_available() -> bool:
     """True when the running kernel knows the "nbd" generic netlink family."""
     try:
-        with _open() as sock:
-            return sock is not None
+        sock = _open()
     except KernelAttachError:
         return False
+    sock.close()
+    return True
 
 
 def _open() -> GenericNetlinkSocket:
@@ -142,8 +143,9 @@ def _open() -> GenericNetlinkSocket:
         sock.bind(FAMILY, NbdMessage)
     except NetlinkError as exc:
         sock.close()
+        code = _code(exc)
         raise KernelAttachError(
-            exc.code, f"the kernel has no nbd netlink interface ({os_error(exc)})"
+            code, f"the kernel has no nbd netlink interface ({os.strerror(code)})"
         ) from None
     except OSError as exc:
         sock.close()
@@ -153,8 +155,9 @@ def _open() -> GenericNetlinkSocket:
     return sock
 
 
-def os_error(exc: NetlinkError) -> str:
-    return os.strerror(exc.code) if isinstance(exc.code, int) else str(exc)
+def _code(exc: NetlinkError) -> int:
+    """pyroute2 carries the kernel's errno as ``code``; anything else counts as EIO."""
+    return exc.code if isinstance(exc.code, int) else errno.EIO
 
 
 class NbdNetlink:
@@ -171,9 +174,9 @@ class NbdNetlink:
                     )
                 )
             except NetlinkError as exc:
-                code = exc.code if isinstance(exc.code, int) else errno.EIO
+                code = _code(exc)
                 hint = " (run as root)" if code == errno.EPERM else ""
-                raise KernelAttachError(code, f"{what} failed: {os_error(exc)}{hint}") from None
+                raise KernelAttachError(code, f"{what} failed: {os.strerror(code)}{hint}") from None
 
     def connect(self, settings: Connect, fds: Sequence[int], index: int | None = None) -> int:
         """Connect sockets to /dev/nbd``index``, or to a device the kernel picks (and creates
