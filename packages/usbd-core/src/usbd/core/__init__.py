@@ -3,8 +3,11 @@
 The pieces, from the wire up: a sans-IO protocol layer (:class:`Handshake`,
 :class:`RequestBuffer`, :func:`check`), the device interface (:class:`Device`), the engine
 that joins them (:class:`Export`, :class:`Connection`) and the network server
-(:class:`Server`). Drivers need :class:`Device` and :class:`DeviceError`; daemons add
-:class:`Server` or :func:`usbd.core.cli.main`.
+(:class:`Server`). Drivers need :class:`Device` and :class:`DeviceError`, declare their
+options with the types in :mod:`usbd.core.settings` and register a
+:class:`usbd.core.driver.Driver`; daemons add :class:`Server` or :func:`usbd.core.cli.main`.
+Shared utilities: sizes (:func:`parse_size`, :func:`format_size`) and AES keys
+(:func:`load_key`).
 """
 
 from ._constants import (
@@ -22,6 +25,7 @@ from ._engine import Connection
 from ._errors import DeviceError, ProtocolError, nbd_errno
 from ._export import Export
 from ._handshake import ExportInfo, Handshake, Negotiated
+from ._keys import KeySourceError, check_key_spec, describe_key_spec, load_key
 from ._server import Server, open_tcp_listeners, open_unix_listener, session_for
 from ._sizes import format_size, parse_size
 from ._transmission import RequestBuffer, Session, check
@@ -43,6 +47,7 @@ __all__ = [
     "ExtentFlag",
     "Fua",
     "Handshake",
+    "KeySourceError",
     "Negotiated",
     "Option",
     "ProtocolError",
@@ -55,7 +60,10 @@ __all__ = [
     "TransportClosed",
     "__version__",
     "check",
+    "check_key_spec",
+    "describe_key_spec",
     "format_size",
+    "load_key",
     "nbd_errno",
     "open_tcp_listeners",
     "open_unix_listener",
