@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from usbd.core.driver import ENTRY_POINT_GROUP, Driver
+from usbd.core.driver import ENTRY_POINT_GROUP, Driver, NoOptions
+from usbd.core.settings import CommonSettings
 from usbd.ramdisk import RamDisk
 
 
@@ -25,7 +25,7 @@ def test_entry_point_mem_names_the_ramdisk_driver() -> None:
     assert isinstance(driver, Driver)
     assert driver.name == "mem"
     assert "memory" in driver.aliases
-    device = driver.create(argparse.Namespace(store_size=3 << 20))
+    device = driver.create(CommonSettings(store_size="3MiB"), NoOptions())
     try:
         assert isinstance(device, RamDisk)
         assert device.size == 3 << 20
@@ -45,7 +45,7 @@ def test_a_bad_size_is_one_line_naming_the_flag() -> None:
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert "--store-size" in lines[0]
+    assert lines[0].startswith("usbd-ramdisk: error: -store-size: invalid size '12 parsecs'")
     assert "KiB" in lines[0]  # says what is accepted
     assert "Traceback" not in result.stderr
 
@@ -71,7 +71,7 @@ def test_attach_none_needs_listen() -> None:
     result = run("--attach=none")
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "usbd-ramdisk: error: argument --attach: 'none' needs --listen (HOST:PORT or a unix path)"
+        "usbd-ramdisk: error: -attach: 'none' needs -listen (HOST:PORT or a unix path)"
     )
 
 
@@ -79,6 +79,6 @@ def test_a_device_that_is_not_nbd_is_refused() -> None:
     result = run("/dev/sda")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "usbd-ramdisk: error: argument NBD_DEVICE: invalid NBD device '/dev/sda': "
+        "usbd-ramdisk: error: NBD_DEVICE: invalid NBD device '/dev/sda': "
         "expected /dev/nbdN, e.g. /dev/nbd0"
     ]

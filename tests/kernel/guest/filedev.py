@@ -1,5 +1,7 @@
 """A file-backed device for the kernel tests that need data to outlive the daemon (kill -9
-and restart). Run with the venv's python: ``filedev.py --store-size 256MiB PATH [NBD_DEVICE]``.
+and restart). Run with the venv's python:
+``filedev.py --store-dir /tmp --store-name disk --store-size 256MiB [NBD_DEVICE]`` serves
+``/tmp/disk.img``.
 
 It is the smallest honest persistent device: pread/pwrite, FLUSH = fdatasync. The real file
 driver (usbd-filedisk) will take its place in these tests when it lands.
@@ -7,14 +9,14 @@ driver (usbd-filedisk) will take its place in these tests when it lands.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import os
 import sys
 
 from usbd.core import Device, DeviceError
 from usbd.core.cli import main
-from usbd.core.driver import Driver
+from usbd.core.driver import Driver, NoOptions
+from usbd.core.settings import CommonSettings
 
 
 class FileDevice(Device):
@@ -41,15 +43,16 @@ class FileDevice(Device):
         os.close(self.fd)
 
 
-def _add(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--path", required=True, help="backing file")
+def _create(settings: CommonSettings, options: NoOptions) -> FileDevice:
+    return FileDevice(str(settings.store_dir / f"{settings.store_name}.img"), settings.store_size)
 
 
 driver = Driver(
     name="testfile",
     description="a file-backed device for kernel tests",
-    create=lambda args: FileDevice(args.path, args.store_size or (256 << 20)),
-    add_arguments=_add,
+    options=NoOptions,
+    create=_create,
+    stores_data=True,
 )
 
 if __name__ == "__main__":

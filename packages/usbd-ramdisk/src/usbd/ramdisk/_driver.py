@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
-
 from usbd.core.cli import main as cli_main
-from usbd.core.driver import Driver
+from usbd.core.driver import Driver, NoOptions
+from usbd.core.settings import CommonSettings
 
 from ._device import RamDisk
 
-DEFAULT_SIZE = 1 << 30
 
-
-def _create(args: argparse.Namespace) -> RamDisk:
-    return RamDisk(args.store_size or DEFAULT_SIZE)
+def _create(settings: CommonSettings, options: NoOptions) -> RamDisk:
+    return RamDisk(settings.store_size)
 
 
 driver = Driver(
@@ -21,6 +18,7 @@ driver = Driver(
     aliases=("memory",),
     description="A memory-backed block device (a RAM disk). Memory is taken only as data is "
     "written and given back on trim.",
+    options=NoOptions,
     create=_create,
 )
 

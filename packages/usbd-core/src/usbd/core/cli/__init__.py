@@ -1,0 +1,36 @@
+"""The command line shared by every driver's console script and by usbdsrvd.
+
+``usbd-ramdisk --listen /tmp/disk.sock`` is :func:`main` with the ramdisk's
+:class:`~usbd.core.driver.Driver`; usbdsrvd is :func:`run` with a :class:`Command` holding every
+installed driver. Settings come from flags (Go style ``-store-size=20GiB`` or GNU style
+``--store-size 20GiB``), then ``USBD_*`` environment variables, then a TOML file (``--config``),
+then defaults. A bad value gets one line naming the flag and what is accepted, and exit
+status 2.
+"""
+
+from .._listen import Listen, parse_listen, uri_for
+from ._config import load_settings, read_config_file, settings_class
+from ._errors import OptionError, UsageError
+from ._main import Command, describe_options, kernel_options, main, run
+from ._options import Option, flag_info, option_table
+from ._serve import serve
+
+__all__ = [
+    "Command",
+    "Listen",
+    "Option",
+    "OptionError",
+    "UsageError",
+    "describe_options",
+    "flag_info",
+    "kernel_options",
+    "load_settings",
+    "main",
+    "option_table",
+    "parse_listen",
+    "read_config_file",
+    "run",
+    "serve",
+    "settings_class",
+    "uri_for",
+]

@@ -1,0 +1,191 @@
+"""Reading the command line in both of the styles people use.
+
+The original daemon was written in Go, whose flags take one dash (``-store-size=20GiB``,
+``-store-size 20GiB``, ``-read-only=false``); Python tools take two (``--store-size 20GiB``).
+Both work here. :func:`normalise` rewrites every flag into the one spelling argparse then reads
+(``--store-size=20GiB``), after checking it against the option table, so that an unknown flag
+or a missing value is reported by name, and a value that starts with a dash is never taken for
+a flag. argparse is kept for what it is good at: positionals and the grouped ``--help``.
+
+Flags hand over strings; every value is validated by the settings model, wherever it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+from ._errors import UsageError
+from ._options import GROUPS, Option
+
+__all__ = ["Parsed", "parse_flags"]
+
+_TRUE = {"1", "t", "true", "y", "yes", "on"}
+_FALSE = {"0", "f", "false", "n", "no", "off"}
+
+
+@dataclass
+class Parsed:
+    """What the command line said: values by setting location, plus the special flags."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    config: str | None = None
+    help: bool = False
+    version: bool = False
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments: "):
+            extra = message.removeprefix("unrecognized arguments: ")
+            message = f"unexpected argument {extra!r}: only one NBD_DEVICE may be given"
+        raise UsageError(message)
+
+
+def _suggest(name: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f"; did you mean -{close[0]}?" if close else ""
+
+
+def _bool(option: Option, value: str) -> bool:
+    text = value.strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise UsageError(f"-{option.flag}: invalid value {value!r}: expected true or false")
+
+
+def normalise(argv: Sequence[str], table: Sequence[Option]) -> list[str]:
+    """``-flag value``, ``-flag=value``, ``--flag value`` all become ``--flag=value``; a bare
+    boolean flag stays, ``-flag=false`` becomes ``--no-flag``. Unknown flags are refused here,
+    with a suggestion, since only here is the spelling the user typed still known."""
+    options = {option.flag: option for option in table}
+    special = {"h": "--help", "help": "--help", "version": "--version"}
+    out: list[str] = []
+    tokens = list(argv)
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        index += 1
+        if token == "--":
+            out.extend(tokens[index - 1 :])
+            break
+        if not token.startswith("-") or token == "-":
+            out.append(token)
+            continue
+        name, eq, value = token.lstrip("-").partition("=")
+        if len(token) - len(token.lstrip("-")) > 2 or not name:
+            raise UsageError(f"invalid flag {token!r}: flags take one or two dashes")
+        if name in special and not eq:
+            out.append(special[name])
+            continue
+        if name == "config" or name in options:
+            option = options.get(name)
+            if option is not None and option.is_bool:
+                out.append(f"--{name}" if not eq or _bool(option, value) else f"--no-{name}")
+                continue
+            if not eq:
+                if index >= len(tokens):
+                    metavar = option.metavar if option else "FILE"
+                    raise UsageError(f"-{name}: a value is needed ({metavar})")
+                value = tokens[index]
+                index += 1
+            out.append(f"--{name}={value}")
+            continue
+        negated = name.removeprefix("no-")
+        if negated != name and negated in options and options[negated].is_bool and not eq:
+            out.append(f"--{name}")
+            continue
+        raise UsageError(
+            f"unknown flag -{name}{_suggest(name, [*options, 'config', 'help'])} (see -help)"
+        )
+    return out
+
+
+def build_parser(
+    prog: str, description: str, table: Sequence[Option], headings: dict[str, str], epilog: str
+) -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        allow_abbrev=False,
+        add_help=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "device",
+        nargs="?",
+        default=argparse.SUPPRESS,
+        metavar="NBD_DEVICE",
+        help="the /dev/nbdX to export to (default: the first free one, unless --listen is "
+        "given alone)",
+    )
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for key in [*GROUPS, *headings]:
+        title = headings.get(key) or GROUPS.get(key) or key
+        groups[key] = parser.add_argument_group(title)
+    general = groups["general"]
+    general.add_argument("--help", action="store_true", help="show this help and exit")
+    general.add_argument("--version", action="store_true", help="show the version and exit")
+    general.add_argument(
+        "--config",
+        metavar="FILE",
+        help="read settings from this TOML file (keys are the flag names: store-size = "
+        '"20GiB"); flags win over USBD_* environment variables, which win over the file',
+    )
+    for option in table:
+        text = option.help
+        if option.default is not None:
+            text += f" (default {option.default})"
+        if option.choices and option.metavar != "|".join(option.choices):
+            text += f" ({', '.join(option.choices)})"
+        target = groups.setdefault(option.group, parser.add_argument_group(option.group))
+        if option.is_bool:
+            target.add_argument(
+                f"--{option.flag}",
+                dest=option.dest,
+                action="store_const",
+                const=True,
+                default=argparse.SUPPRESS,
+                help=text,
+            )
+            target.add_argument(
+                f"--no-{option.flag}",
+                dest=option.dest,
+                action="store_const",
+                const=False,
+                default=argparse.SUPPRESS,
+                help=argparse.SUPPRESS,
+            )
+        else:
+            target.add_argument(
+                f"--{option.flag}",
+                dest=option.dest,
+                action="append" if option.repeat else "store",
+                default=argparse.SUPPRESS,
+                metavar=option.metavar,
+                help=text,
+            )
+    return parser
+
+
+def parse_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Parsed:
+    """The given flags only (nothing defaulted), nested the way the settings model nests."""
+    namespace = vars(parser.parse_args(argv))
+    parsed = Parsed(
+        config=namespace.pop("config", None),
+        help=bool(namespace.pop("help", False)),
+        version=bool(namespace.pop("version", False)),
+    )
+    for dest, value in namespace.items():
+        *parents, leaf = dest.split(".")
+        target = parsed.values
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = value
+    return parsed

@@ -1,0 +1,195 @@
+"""A daemon's life from ``argv`` to exit status, shared by every driver's command and usbdsrvd.
+
+Exit status 2 is for anything the user can fix by changing what they typed (a flag, an
+environment variable, the config file, a driver option); 1 for a failure to start or serve
+(no root, no nbd in the kernel, a busy device); 0 after a clean stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from pydantic import BaseModel
+
+from .._listen import parse_listen
+from .._sizes import format_size
+from .._version import __version__
+from ..driver import Driver
+from ..kernel import KernelOptions
+from ..settings import CommonSettings
+from ._config import config_path, load_settings, settings_class
+from ._errors import UsageError
+from ._flags import build_parser, normalise, parse_flags
+from ._options import flag_info, option_table
+from ._serve import serve
+
+__all__ = ["Command", "describe_options", "kernel_options", "main", "run"]
+
+log = logging.getLogger("usbd")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One daemon: its name, the drivers whose options it takes, and how it picks the driver.
+
+    A driver's own command has one driver and no ``select``; usbdsrvd has every installed
+    driver, a settings class with ``dev_type`` and a ``select`` that reads it.
+    """
+
+    prog: str
+    description: str
+    drivers: Sequence[Driver[BaseModel]]
+    settings: type[CommonSettings] = CommonSettings
+    select: Callable[[CommonSettings], Driver[BaseModel]] | None = None
+    headings: Mapping[str, str] = field(default_factory=dict)
+    epilog: str = ""
+    version: str = __version__
+
+
+def kernel_options(settings: CommonSettings) -> KernelOptions | None:
+    """Whether to attach to the kernel: always with a device named or --attach=netlink|ioctl,
+    never with --attach=none, and by default only when nothing is to be served on --listen."""
+    if settings.attach == "none":
+        if settings.device is not None:
+            raise UsageError("NBD_DEVICE: not allowed with -attach=none")
+        if not settings.listen:
+            raise UsageError("-attach: 'none' needs -listen (HOST:PORT or a unix path)")
+        return None
+    if settings.device is None and settings.attach == "auto" and settings.listen:
+        return None
+    return KernelOptions(
+        device=settings.device,
+        method=settings.attach,
+        connections=settings.connections,
+        max_devices=settings.nbd_max_devs,
+        timeout=settings.timeout,
+        dead_timeout=settings.dead_timeout,
+    )
+
+
+def describe_options(options: BaseModel) -> str:
+    """Every option as ``name=value``, secrets as ``<REDACTED>``: the default startup summary."""
+    parts = []
+    for name, info in type(options).model_fields.items():
+        value: Any = getattr(options, name)
+        flag = flag_info(info)
+        if flag.secret and value is not None:
+            shown = "<REDACTED>"
+        elif flag.show is not None and value is not None:
+            shown = str(flag.show(value))
+        else:
+            shown = repr(value) if isinstance(value, str) else str(value)
+        parts.append(f"{name}={shown}")
+    return ", ".join(parts)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # Libraries' debug logs (pyroute2 dumps every netlink message) would drown ours.
+    for noisy in ("pyroute2", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
+
+
+def _warn_unused(settings: CommonSettings, chosen: Driver[BaseModel], command: Command) -> None:
+    for driver in command.drivers:
+        if driver is not chosen and getattr(settings, driver.name).model_fields_set:
+            log.warning(
+                "-%s-* settings apply only with -dev-type=%s; ignored", driver.name, driver.name
+            )
+
+
+def _startup_line(
+    settings: CommonSettings, driver: Driver[BaseModel], options: BaseModel, size: int
+) -> str:
+    kernel = kernel_options(settings)
+    targets = []
+    if kernel is not None:
+        device = kernel.device
+        targets.append("as next available NBD device" if device is None else f"as /dev/nbd{device}")
+    if settings.listen:
+        targets.append("on the network")
+    line = f'Exporting {format_size(size)} volume "{settings.store_name}" {" and ".join(targets)}'
+    if driver.stores_data:
+        line += f' with local storage at "{settings.store_dir}"'
+    summary = (driver.describe or (lambda _s, o: describe_options(o)))(settings, options)
+    return f"{line} using driver {driver.name}{', ' + summary if summary else ''}"
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def run(command: Command, argv: Sequence[str] | None = None) -> int:
+    """Run ``command`` as a daemon; the return value is the exit status."""
+    prog = command.prog
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        settings_cls = settings_class(command.settings, command.drivers)
+        table = option_table(settings_cls, command.drivers)
+        parser = build_parser(
+            prog, command.description, table, dict(command.headings), command.epilog
+        )
+        parsed = parse_flags(parser, normalise(args, table))
+        if parsed.help:
+            print(parser.format_help(), end="")
+            return 0
+        if parsed.version:
+            print(f"{prog} {command.version}")
+            return 0
+        settings = load_settings(settings_cls, table, parsed.values, config_path(parsed.config))
+        driver = command.select(settings) if command.select else command.drivers[0]
+        kernel = kernel_options(settings)
+        _configure_logging(settings.log_level)
+        _warn_unused(settings, driver, command)
+        options: BaseModel = getattr(settings, driver.name)
+        device = driver.create(settings, options)
+    except (UsageError, ValueError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{prog} started.", flush=True)
+    print(
+        f"{prog} using config: {_startup_line(settings, driver, options, device.size)}",
+        flush=True,
+    )
+    failure: BaseException | None = None
+    try:
+        trio.run(
+            lambda: serve(
+                device,
+                [parse_listen(address) for address in settings.listen],
+                export_name=settings.export_name,
+                description=settings.description,
+                read_only=settings.read_only,
+                kernel=kernel,
+                prog=prog,
+            )
+        )
+    except* OSError as group:
+        failure = _leaf(group)
+    if failure is not None:
+        print(f"{prog}: error: {failure}", file=sys.stderr)
+        return 1
+    print(f"{prog} terminated normally.", flush=True)
+    return 0
+
+
+def main(driver: Driver[Any], argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """A driver's own command (``usbd-ramdisk``): the shared settings plus the driver's."""
+    name = prog or f"usbd-{driver.name}"
+    heading = f"{driver.name} driver options"
+    command = Command(name, driver.description, [driver], headings={driver.name: heading})
+    return run(command, argv)

@@ -1,0 +1,137 @@
+"""Serving one device until told to stop: network listeners, the kernel device, signals.
+
+The stop order matters more than anything else here: a device is detached from the kernel
+only when nothing has it mounted or open (else the kernel fails the I/O in flight), then the
+export flushes and closes the device exactly once, whatever ended the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Sequence
+
+import trio
+
+from .._device import Device
+from .._export import Export
+from .._listen import Listen, uri_for
+from .._notify import ready, stopping
+from .._server import Server, open_tcp_listeners, open_unix_listener
+from ..kernel import Attached, KernelExport, KernelOptions
+
+__all__ = ["serve"]
+
+log = logging.getLogger("usbd")
+
+
+async def serve(
+    device: Device,
+    listen: Sequence[Listen],
+    *,
+    export_name: str = "",
+    description: str = "",
+    read_only: bool = False,
+    kernel: KernelOptions | None = None,
+    prog: str = "usbd",
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``device`` on ``listen`` and/or to the kernel until SIGINT/SIGTERM, cancellation or
+    the kernel letting go; then detach, flush and close it once.
+
+    A device that is mounted or held open is not detached on the first signal (the kernel
+    would fail the I/O in flight): the daemon says so and keeps serving; a second signal forces.
+    Under systemd (``NOTIFY_SOCKET``) it reports READY=1 once every listener accepts and the
+    kernel device is attached, and STOPPING=1 when a stop begins.
+    """
+    export = Export(device, export_name, description, read_only=read_only)
+    try:
+        listeners: list[trio.SocketListener] = []
+        for where in listen:
+            if where.path is not None:
+                listeners.append(await open_unix_listener(where.path))
+            else:
+                listeners.extend(await open_tcp_listeners(where.host, where.port))
+        uris = [uri_for(listener, export_name) for listener in listeners]
+        async with trio.open_nursery() as nursery:
+            if listeners:
+                await nursery.start(Server([export]).serve, listeners)
+            for uri in uris:
+                print(f"{prog} is serving {uri}", flush=True)
+            if uris:
+                print(f"{prog}: connect with e.g.  nbdinfo '{uris[0]}'", flush=True)
+            attachment = None
+            serving = list(uris)
+            if kernel is not None:
+                attachment = KernelExport(export, kernel)
+                await nursery.start(_run_kernel, attachment, nursery.cancel_scope)
+                assert attachment.attached is not None
+                attached = attachment.attached
+                how = "re-attached" if attached.reattached else "attached"
+                log.info(
+                    "%s %s via %s with %d connection(s)",
+                    attached.path,
+                    how,
+                    attached.method,
+                    attached.connections,
+                )
+                print(f'{prog} is processing requests for "{attached.path}"', flush=True)
+                serving.insert(0, attached.path)
+            ready(f"serving {', '.join(serving)}")
+            task_status.started(uris)
+            await _wait_for_stop(prog, attachment)
+            nursery.cancel_scope.cancel()
+    finally:
+        stopping()
+        with trio.CancelScope(shield=True):
+            await export.aclose()
+        for where in listen:
+            if where.path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(where.path)
+        counts = export.request_counts()
+        if counts:
+            total = sum(counts.values())
+            detail = ", ".join(f"{name} {count}" for name, count in counts.items())
+            print(f"{prog} served {total} requests ({detail})", flush=True)
+
+
+async def _run_kernel(
+    attachment: KernelExport,
+    scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[Attached] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the kernel; when it lets go (detach, or someone else disconnected it), stop."""
+    try:
+        await attachment.run(task_status=task_status)
+    finally:
+        scope.cancel()
+
+
+async def _wait_for_stop(prog: str, attachment: KernelExport | None) -> None:
+    forced = False
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if attachment is None:
+                log.info("%s received %s: stopping", prog, name)
+                return
+            path = attachment.attached.path if attachment.attached else "/dev/nbd?"
+            if not forced and await attachment.in_use():
+                forced = True
+                log.warning(
+                    "%s received %s, but %s is in use (mounted or open): not detaching, since "
+                    "the kernel would fail its I/O in flight; unmount it and signal again "
+                    "(a second signal detaches anyway)",
+                    prog,
+                    name,
+                    path,
+                )
+                continue
+            log.info("%s received %s: detaching %s and stopping", prog, name, path)
+            stopping()
+            await attachment.detach()
+            return
