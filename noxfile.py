@@ -18,8 +18,13 @@ nox.options.error_on_missing_interpreters = True
 PACKAGES: dict[str, list[str]] = {
     "usbd-core": ["./packages/usbd-core[testing]"],
     "usbd-ramdisk": ["./packages/usbd-core[testing]", "./packages/usbd-ramdisk"],
+    "usbdsrvd": [
+        "./packages/usbd-core[testing]",
+        "./packages/usbd-ramdisk",
+        "./packages/usbdsrvd",
+    ],
 }
-ALL = ["./packages/usbd-core[testing]", "./packages/usbd-ramdisk"]
+ALL = ["./packages/usbd-core[testing]", "./packages/usbd-ramdisk", "./packages/usbdsrvd"]
 
 
 def _pytest(session: nox.Session, *paths: str) -> None:
@@ -78,6 +83,7 @@ def lint(session: nox.Session) -> None:
         "mypy",
         "packages/usbd-core/src/usbd/core",
         "packages/usbd-ramdisk/src/usbd/ramdisk",
+        "packages/usbdsrvd/src/usbd/srvd",
     )
 
 

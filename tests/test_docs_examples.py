@@ -6,6 +6,7 @@ suite as a persistent driver, so the page can only claim what the suite confirms
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Any
 import pytest
 
 from usbd.core import Device, Export, TransmissionFlag
+from usbd.core.cli import describe_options, load_settings, option_table, settings_class
+from usbd.core.settings import CommonSettings
 from usbd.core.testing import MakeDevice, PersistentDeviceTests, ReopenDevice
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +28,10 @@ def python_block(document: str, defines: str) -> dict[str, Any]:
     for block in re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL):
         if f"class {defines}" in block:
             namespace: dict[str, Any] = {"__name__": f"docs_example_{defines.lower()}"}
-            exec(compile(block, f"{document}:{defines}", "exec"), namespace)
+            # dont_inherit: not this file's "from __future__ import annotations", which would leave
+            # pydantic models in the example with unresolvable string annotations.
+            code = compile(block, f"{document}:{defines}", "exec", dont_inherit=True)
+            exec(code, namespace)
             return namespace
     raise AssertionError(f"{document} has no python block defining {defines}")
 
@@ -57,3 +63,33 @@ def test_readme_example_is_a_read_only_disk_of_zeros() -> None:
     assert export.flags & TransmissionFlag.READ_ONLY
     assert not export.flags & TransmissionFlag.SEND_TRIM
     assert bytes(zeros.read(12345, 100)) == bytes(100)
+
+
+def test_the_driver_example_of_cli_md_takes_its_options_from_every_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/cli.md's driver: its options are flags, USBD_* variables and file keys, its key
+    comes from load_key (generated 0600 under the store dir) and is never described."""
+    for name in list(os.environ):
+        if name.startswith("USBD_"):
+            monkeypatch.delenv(name)
+    example = python_block("docs/cli.md", "ZeroOptions")
+    driver = example["driver"]
+    settings_cls = settings_class(CommonSettings, [driver])
+    table = option_table(settings_cls, [driver])
+    assert {o.flag for o in table if o.loc[0] == "zero"} == {"zero-chunk", "zero-aeskey"}
+    config = tmp_path / "vol.toml"
+    config.write_text('[zero]\nchunk = "2MiB"\n')
+    monkeypatch.setenv("USBD_ZERO_CHUNK", "1MiB")
+    flags = {"store_dir": str(tmp_path), "store_size": "4MiB"}
+    settings = load_settings(settings_cls, table, flags, str(config))
+    options = settings.zero  # type: ignore[attr-defined]
+    assert options.chunk == 1 << 20  # the environment beats the file
+    device = driver.create(settings, options)
+    assert device.size == 4 << 20
+    assert len(device.key) == 32
+    assert (tmp_path / "key.aes").stat().st_mode & 0o777 == 0o600
+    hexkey = "ab" * 16
+    shown = describe_options(options.model_copy(update={"aeskey": f"key:{hexkey}"}))
+    assert "aeskey=<REDACTED>" in shown
+    assert hexkey not in shown

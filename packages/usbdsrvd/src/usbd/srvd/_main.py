@@ -14,7 +14,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field
 
-from usbd.core.cli import Command, UsageError, run
+from usbd.core.cli import STYLE_NOTE, Command, UsageError, run
 from usbd.core.driver import Driver, Found, discover_drivers
 from usbd.core.settings import CommonSettings, Flag
 
@@ -96,10 +96,7 @@ def _epilog(found: Sequence[Found]) -> str:
     ]
     if missing:
         lines.append(f"not installed: {', '.join(missing)}; pip install usbdsrvd[all]")
-    lines.append(
-        "Flags take one dash or two (-store-size=20GiB, --store-size 20GiB). Each flag is also "
-        "an environment variable (USBD_STORE_SIZE) and a key of the --config file (store-size)."
-    )
+    lines.append(STYLE_NOTE)
     return "\n".join(lines)
 
 
@@ -110,7 +107,7 @@ def command(found: Sequence[Found]) -> Command:
         if f.driver is not None:
             drivers.setdefault(f.driver.name, f.driver)
     headings = {
-        name: f"{name} driver (-dev-type={'|'.join(driver.names)}): {driver.description}"
+        name: f"{name} driver (-dev-type={'|'.join(driver.names)})"
         for name, driver in drivers.items()
     }
     return Command(

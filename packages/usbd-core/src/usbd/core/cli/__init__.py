@@ -11,16 +11,20 @@ status 2.
 from .._listen import Listen, parse_listen, uri_for
 from ._config import load_settings, read_config_file, settings_class
 from ._errors import OptionError, UsageError
+from ._flags import STYLE_NOTE
 from ._main import Command, describe_options, kernel_options, main, run
 from ._options import Option, flag_info, option_table
+from ._reference import config_reference
 from ._serve import serve
 
 __all__ = [
+    "STYLE_NOTE",
     "Command",
     "Listen",
     "Option",
     "OptionError",
     "UsageError",
+    "config_reference",
     "describe_options",
     "flag_info",
     "kernel_options",

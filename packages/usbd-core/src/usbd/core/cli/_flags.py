@@ -14,14 +14,21 @@ from __future__ import annotations
 
 import argparse
 import difflib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from ._errors import UsageError
 from ._options import GROUPS, Option
 
-__all__ = ["Parsed", "parse_flags"]
+__all__ = ["STYLE_NOTE", "Parsed", "build_parser", "normalise", "parse_flags"]
+
+#: The last lines of every --help.
+STYLE_NOTE = (
+    "Flags take one dash or two (-store-size=20GiB, --store-size 20GiB). Each flag is also an "
+    "environment variable (USBD_STORE_SIZE) and a key of the --config file (store-size); flags "
+    "win over the environment, which wins over the file. See docs/configuration.md."
+)
 
 _TRUE = {"1", "t", "true", "y", "yes", "on"}
 _FALSE = {"0", "f", "false", "n", "no", "off"}
@@ -107,10 +114,18 @@ def normalise(argv: Sequence[str], table: Sequence[Option]) -> list[str]:
 
 
 def build_parser(
-    prog: str, description: str, table: Sequence[Option], headings: dict[str, str], epilog: str
+    prog: str,
+    description: str,
+    table: Sequence[Option],
+    headings: Mapping[str, str],
+    epilog: str,
+    notes: Mapping[str, str] | None = None,
 ) -> argparse.ArgumentParser:
+    """The parser and its help: the shared groups, then one group per driver (``headings``,
+    with ``notes`` as the group's description)."""
     parser = _Parser(
         prog=prog,
+        usage=f"{prog} [-flag=value ...] [NBD_DEVICE]",
         description=description,
         epilog=epilog,
         allow_abbrev=False,
@@ -128,7 +143,7 @@ def build_parser(
     groups: dict[str, argparse._ArgumentGroup] = {}
     for key in [*GROUPS, *headings]:
         title = headings.get(key) or GROUPS.get(key) or key
-        groups[key] = parser.add_argument_group(title)
+        groups[key] = parser.add_argument_group(title, (notes or {}).get(key))
     general = groups["general"]
     general.add_argument("--help", action="store_true", help="show this help and exit")
     general.add_argument("--version", action="store_true", help="show the version and exit")

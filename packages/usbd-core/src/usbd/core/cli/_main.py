@@ -24,7 +24,7 @@ from ..kernel import KernelOptions
 from ..settings import CommonSettings
 from ._config import config_path, load_settings, settings_class
 from ._errors import UsageError
-from ._flags import build_parser, normalise, parse_flags
+from ._flags import STYLE_NOTE, build_parser, normalise, parse_flags
 from ._options import flag_info, option_table
 from ._serve import serve
 
@@ -137,8 +137,9 @@ def run(command: Command, argv: Sequence[str] | None = None) -> int:
     try:
         settings_cls = settings_class(command.settings, command.drivers)
         table = option_table(settings_cls, command.drivers)
+        notes = {driver.name: driver.description for driver in command.drivers}
         parser = build_parser(
-            prog, command.description, table, dict(command.headings), command.epilog
+            prog, command.description, table, command.headings, command.epilog, notes
         )
         parsed = parse_flags(parser, normalise(args, table))
         if parsed.help:
@@ -191,5 +192,7 @@ def main(driver: Driver[Any], argv: Sequence[str] | None = None, prog: str | Non
     """A driver's own command (``usbd-ramdisk``): the shared settings plus the driver's."""
     name = prog or f"usbd-{driver.name}"
     heading = f"{driver.name} driver options"
-    command = Command(name, driver.description, [driver], headings={driver.name: heading})
+    command = Command(
+        name, driver.description, [driver], headings={driver.name: heading}, epilog=STYLE_NOTE
+    )
     return run(command, argv)
