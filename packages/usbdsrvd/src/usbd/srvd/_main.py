@@ -9,6 +9,7 @@ working, and a type that is not installed is answered with the distribution that
 from __future__ import annotations
 
 import sys
+from importlib import metadata
 from collections.abc import Sequence
 from typing import Annotated
 
@@ -122,7 +123,20 @@ def command(found: Sequence[Found]) -> Command:
         ),
         headings=headings,
         epilog=_epilog(found),
+        version=_versions(found),
     )
+
+
+def _versions(found: Sequence[Found]) -> str:
+    """usbdsrvd's version, the core's and each installed driver distribution's."""
+    names = ["usbd-core", *sorted({f.distribution for f in found})]
+    parts = []
+    for name in dict.fromkeys(names):
+        try:
+            parts.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return f"{metadata.version('usbdsrvd')} ({', '.join(parts)})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
