@@ -46,6 +46,15 @@ class Driver(Generic[OptionsT]):
     stores_data: bool = False
     describe: Callable[[CommonSettings, OptionsT], str] | None = None
 
+    def __post_init__(self) -> None:
+        """Every option needs a default: usbdsrvd builds every installed driver's options
+        whichever one is chosen, so one required option would break them all."""
+        required = [name for name, info in self.options.model_fields.items() if info.is_required()]
+        if required:
+            raise TypeError(
+                f"driver {self.name!r}: options without a default: {', '.join(required)}"
+            )
+
     @property
     def names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)

@@ -81,7 +81,7 @@ def _whole(minimum: int, what: str) -> Any:
             raise ValueError(f"invalid value {value!r}: expected {what}")  # noqa: TRY004
         if isinstance(value, str):
             text = value.strip()
-            if not text.isdigit():
+            if not (text.isascii() and text.isdigit()):
                 raise ValueError(f"invalid value {value!r}: expected {what}")
             value = int(text)
         if isinstance(value, int) and value < minimum:
@@ -128,7 +128,7 @@ Size = Annotated[
 Count = Annotated[int, BeforeValidator(_whole(1, "a whole number >= 1")), Flag("N")]
 #: Whole seconds, 0 or more.
 Seconds = Annotated[int, BeforeValidator(_whole(0, "whole seconds (0 or more)")), Flag("SECONDS")]
-#: /dev/nbdN (or nbdN, or N), as its index.
+#: /dev/nbdN (or nbdN), as its index.
 NbdDevice = Annotated[int, BeforeValidator(_device), Flag("NBD_DEVICE", lambda n: f"/dev/nbd{n}")]
 #: A directory that exists.
 StoreDir = Annotated[Path, AfterValidator(_existing_dir), Flag("DIR")]

@@ -11,18 +11,19 @@ from __future__ import annotations
 import difflib
 import os
 import tomllib
-from collections.abc import Mapping, Sequence
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, ValidationError, create_model
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError, create_model
 from pydantic_core import ErrorDetails
 from pydantic_settings import SettingsError
 
 from ..driver import Driver
 from ..settings import ENV_PREFIX, CommonSettings
 from ._errors import UsageError
-from ._options import Option
+from ._options import Option, base_type
 
 __all__ = ["load_settings", "read_config_file", "settings_class"]
 
@@ -35,8 +36,33 @@ def settings_class(
     for driver in drivers:
         if not driver.name.isidentifier() or driver.name in base.model_fields:
             raise ValueError(f"driver name {driver.name!r} cannot name its options")
-        fields[driver.name] = (driver.options, Field(default_factory=driver.options))
+        options: Any = Annotated[driver.options, BeforeValidator(_literal_numbers(driver.options))]
+        fields[driver.name] = (options, Field(default_factory=driver.options))
     return create_model("Settings", __base__=base, **fields)
+
+
+def _literal_numbers(model: type[BaseModel]) -> Callable[[Any], Any]:
+    """Flags and environment variables are strings, and pydantic matches ``Literal[512, 4096]``
+    only against numbers: turn "4096" into 4096 for such options before validation."""
+    numeric = set()
+    for name, info in model.model_fields.items():
+        kind = base_type(info.annotation)
+        if typing.get_origin(kind) is typing.Literal and all(
+            isinstance(choice, int) for choice in typing.get_args(kind)
+        ):
+            numeric.add(name)
+
+    def convert(values: Any) -> Any:
+        if not isinstance(values, Mapping) or not numeric:
+            return values
+        converted = dict(values)
+        for name in numeric & set(converted):
+            text = converted[name]
+            if isinstance(text, str) and text.strip().isascii() and text.strip().isdigit():
+                converted[name] = int(text)
+        return converted
+
+    return convert
 
 
 def read_config_file(path: str, table: Sequence[Option]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -132,7 +158,7 @@ def _translate(
         where = ""
     if error["type"] == "extra_forbidden":
         known = [o.flag for o in table]
-        close = difflib.get_close_matches(names[-1].replace("_", "-"), known, n=1)
+        close = difflib.get_close_matches("-".join(names).replace("_", "-"), known, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         if from_env is not None and not _nested(file_values, names):
             return UsageError(f"unknown setting {from_env} in the environment{hint}")

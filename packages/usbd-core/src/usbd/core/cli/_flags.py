@@ -2,10 +2,10 @@
 
 The original daemon was written in Go, whose flags take one dash (``-store-size=20GiB``,
 ``-store-size 20GiB``, ``-read-only=false``); Python tools take two (``--store-size 20GiB``).
-Both work here. :func:`normalise` rewrites every flag into the one spelling argparse then reads
-(``--store-size=20GiB``), after checking it against the option table, so that an unknown flag
-or a missing value is reported by name, and a value that starts with a dash is never taken for
-a flag. argparse is kept for what it is good at: positionals and the grouped ``--help``.
+Both work here. argparse does not know the Go style and has its own ideas about values that
+start with a dash and about ``--``, so :func:`parse_argv` reads the command line itself against
+the option table (an unknown flag or a missing value is reported by the name the user typed);
+argparse only formats the grouped ``--help``.
 
 Flags hand over strings; every value is validated by the settings model, wherever it came from.
 """
@@ -16,12 +16,12 @@ import argparse
 import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
 from ._errors import UsageError
 from ._options import GROUPS, Option
 
-__all__ = ["STYLE_NOTE", "Parsed", "build_parser", "normalise", "parse_flags"]
+__all__ = ["STYLE_NOTE", "Parsed", "build_parser", "parse_argv"]
 
 #: The last lines of every --help.
 STYLE_NOTE = (
@@ -44,14 +44,6 @@ class Parsed:
     version: bool = False
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        if message.startswith("unrecognized arguments: "):
-            extra = message.removeprefix("unrecognized arguments: ")
-            message = f"unexpected argument {extra!r}: only one NBD_DEVICE may be given"
-        raise UsageError(message)
-
-
 def _suggest(name: str, known: Sequence[str]) -> str:
     close = difflib.get_close_matches(name, known, n=1)
     return f"; did you mean -{close[0]}?" if close else ""
@@ -66,51 +58,77 @@ def _bool(option: Option, value: str) -> bool:
     raise UsageError(f"-{option.flag}: invalid value {value!r}: expected true or false")
 
 
-def normalise(argv: Sequence[str], table: Sequence[Option]) -> list[str]:
-    """``-flag value``, ``-flag=value``, ``--flag value`` all become ``--flag=value``; a bare
-    boolean flag stays, ``-flag=false`` becomes ``--no-flag``. Unknown flags are refused here,
-    with a suggestion, since only here is the spelling the user typed still known."""
+def _put(values: dict[str, Any], option: Option, value: object) -> None:
+    *parents, leaf = option.loc
+    target = values
+    for parent in parents:
+        target = target.setdefault(parent, {})
+    if option.repeat:
+        target.setdefault(leaf, []).append(value)
+    else:
+        target[leaf] = value
+
+
+def parse_argv(argv: Sequence[str], table: Sequence[Option]) -> Parsed:
+    """The given flags only (nothing defaulted), nested the way the settings model nests.
+
+    ``-flag value``, ``-flag=value``, ``--flag value`` and ``--flag=value`` are the same; a
+    bare boolean flag is true, ``-flag=false`` and ``--no-flag`` false; the token after a flag
+    that needs a value is that value whatever it looks like; ``--`` ends the flags. Unknown
+    flags are refused with a suggestion. Values stay strings: the settings model validates
+    them, whichever source they came from.
+    """
     options = {option.flag: option for option in table}
-    special = {"h": "--help", "help": "--help", "version": "--version"}
-    out: list[str] = []
+    parsed = Parsed()
+    positionals: list[str] = []
     tokens = list(argv)
     index = 0
     while index < len(tokens):
         token = tokens[index]
         index += 1
         if token == "--":
-            out.extend(tokens[index - 1 :])
+            positionals.extend(tokens[index:])
             break
         if not token.startswith("-") or token == "-":
-            out.append(token)
+            positionals.append(token)
             continue
         name, eq, value = token.lstrip("-").partition("=")
         if len(token) - len(token.lstrip("-")) > 2 or not name:
             raise UsageError(f"invalid flag {token!r}: flags take one or two dashes")
-        if name in special and not eq:
-            out.append(special[name])
+        if name in ("h", "help"):
+            parsed.help = True
             continue
-        if name == "config" or name in options:
-            option = options.get(name)
-            if option is not None and option.is_bool:
-                out.append(f"--{name}" if not eq or _bool(option, value) else f"--no-{name}")
-                continue
-            if not eq:
-                if index >= len(tokens):
-                    metavar = option.metavar if option else "FILE"
-                    raise UsageError(f"-{name}: a value is needed ({metavar})")
-                value = tokens[index]
-                index += 1
-            out.append(f"--{name}={value}")
+        if name == "version":
+            parsed.version = True
             continue
         negated = name.removeprefix("no-")
-        if negated != name and negated in options and options[negated].is_bool and not eq:
-            out.append(f"--{name}")
+        if negated != name and not eq and negated in options and options[negated].is_bool:
+            _put(parsed.values, options[negated], False)
             continue
+        option = options.get(name)
+        if option is None and name != "config":
+            known = [*options, "config", "help"]
+            raise UsageError(f"unknown flag -{name}{_suggest(name, known)} (see -help)")
+        if option is not None and option.is_bool:
+            _put(parsed.values, option, not eq or _bool(option, value))
+            continue
+        if not eq:
+            if index >= len(tokens):
+                metavar = option.metavar if option else "FILE"
+                raise UsageError(f"-{name}: a value is needed ({metavar})")
+            value = tokens[index]
+            index += 1
+        if option is None:
+            parsed.config = value
+        else:
+            _put(parsed.values, option, value)
+    if len(positionals) > 1:
         raise UsageError(
-            f"unknown flag -{name}{_suggest(name, [*options, 'config', 'help'])} (see -help)"
+            f"unexpected argument {positionals[1]!r}: only one NBD_DEVICE may be given"
         )
-    return out
+    if positionals:
+        parsed.values["device"] = positionals[0]
+    return parsed
 
 
 def build_parser(
@@ -121,9 +139,9 @@ def build_parser(
     epilog: str,
     notes: Mapping[str, str] | None = None,
 ) -> argparse.ArgumentParser:
-    """The parser and its help: the shared groups, then one group per driver (``headings``,
-    with ``notes`` as the group's description)."""
-    parser = _Parser(
+    """A parser used for its help only: the shared groups, then one group per driver
+    (``headings``, with ``notes`` as the group's description)."""
+    parser = argparse.ArgumentParser(
         prog=prog,
         usage=f"{prog} [-flag=value ...] [NBD_DEVICE]",
         description=description,
@@ -154,9 +172,9 @@ def build_parser(
         '"20GiB"); flags win over USBD_* environment variables, which win over the file',
     )
     for option in table:
-        text = option.help
+        text = option.help.replace("%", "%%")
         if option.default is not None:
-            text += f" (default {option.default})"
+            text += f" (default {option.default.replace('%', '%%')})"
         if option.choices and option.metavar != "|".join(option.choices):
             text += f" ({', '.join(option.choices)})"
         target = groups.setdefault(option.group, parser.add_argument_group(option.group))
@@ -187,20 +205,3 @@ def build_parser(
                 help=text,
             )
     return parser
-
-
-def parse_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Parsed:
-    """The given flags only (nothing defaulted), nested the way the settings model nests."""
-    namespace = vars(parser.parse_args(argv))
-    parsed = Parsed(
-        config=namespace.pop("config", None),
-        help=bool(namespace.pop("help", False)),
-        version=bool(namespace.pop("version", False)),
-    )
-    for dest, value in namespace.items():
-        *parents, leaf = dest.split(".")
-        target = parsed.values
-        for parent in parents:
-            target = target.setdefault(parent, {})
-        target[leaf] = value
-    return parsed

@@ -24,7 +24,7 @@ from ..kernel import KernelOptions
 from ..settings import CommonSettings
 from ._config import config_path, load_settings, settings_class
 from ._errors import UsageError
-from ._flags import STYLE_NOTE, build_parser, normalise, parse_flags
+from ._flags import STYLE_NOTE, build_parser, parse_argv
 from ._options import flag_info, option_table
 from ._serve import serve
 
@@ -137,12 +137,12 @@ def run(command: Command, argv: Sequence[str] | None = None) -> int:
     try:
         settings_cls = settings_class(command.settings, command.drivers)
         table = option_table(settings_cls, command.drivers)
-        notes = {driver.name: driver.description for driver in command.drivers}
-        parser = build_parser(
-            prog, command.description, table, command.headings, command.epilog, notes
-        )
-        parsed = parse_flags(parser, normalise(args, table))
+        parsed = parse_argv(args, table)
         if parsed.help:
+            notes = {driver.name: driver.description for driver in command.drivers}
+            parser = build_parser(
+                prog, command.description, table, command.headings, command.epilog, notes
+            )
             print(parser.format_help(), end="")
             return 0
         if parsed.version:

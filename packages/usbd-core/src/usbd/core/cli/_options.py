@@ -21,7 +21,7 @@ from pydantic_core import PydanticUndefined
 from ..driver import Driver
 from ..settings import ENV_PREFIX, CommonSettings, Flag
 
-__all__ = ["Option", "flag_info", "option_table"]
+__all__ = ["Option", "base_type", "flag_info", "option_table"]
 
 #: Headings of the shared settings in --help, in order.
 GROUPS = {
@@ -81,7 +81,7 @@ def flag_info(field: FieldInfo) -> Flag:
     return Flag(**merged)
 
 
-def _base_type(annotation: Any) -> Any:
+def base_type(annotation: Any) -> Any:
     """``int`` for ``Annotated[int, ...] | None``: what kind of value the flag takes."""
     while True:
         origin = typing.get_origin(annotation)
@@ -105,7 +105,7 @@ def _default_text(field: FieldInfo, info: Flag) -> str | None:
 
 def _option(flag: str, loc: tuple[str, ...], field: FieldInfo, group: str) -> Option:
     info = flag_info(field)
-    kind = _base_type(field.annotation)
+    kind = base_type(field.annotation)
     choices: tuple[str, ...] = ()
     if typing.get_origin(kind) is typing.Literal:
         choices = tuple(str(c) for c in typing.get_args(kind))
@@ -138,4 +138,12 @@ def option_table(
         for name, field in driver.options.model_fields.items():
             flag = f"{driver.name}-{name.replace('_', '-')}"
             table.append(_option(flag, (driver.name, name), field, driver.name))
+    seen: dict[str, Option] = {}
+    for option in table:
+        other = seen.setdefault(option.flag, option)
+        if other is not option:
+            raise ValueError(
+                f"two settings are both -{option.flag}: {'.'.join(other.loc)} and "
+                f"{'.'.join(option.loc)}; a driver's options must not repeat a shared flag"
+            )
     return table
