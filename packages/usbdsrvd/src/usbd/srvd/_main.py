@@ -9,8 +9,8 @@ working, and a type that is not installed is answered with the distribution that
 from __future__ import annotations
 
 import sys
-from importlib import metadata
 from collections.abc import Sequence
+from importlib import metadata
 from typing import Annotated
 
 from pydantic import BaseModel, Field
