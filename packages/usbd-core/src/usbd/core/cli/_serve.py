@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import trio
 
@@ -46,7 +46,27 @@ async def serve(
     Under systemd (``NOTIFY_SOCKET``) it reports READY=1 once every listener accepts and the
     kernel device is attached, and STOPPING=1 when a stop begins.
     """
-    export = Export(device, export_name, description, read_only=read_only)
+    # Signals are taken from the start, so that one arriving while listeners open or the
+    # kernel attaches stops the daemon cleanly once it is up (not a KeyboardInterrupt).
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        await _serve(
+            Export(device, export_name, description, read_only=read_only),
+            listen,
+            kernel,
+            prog,
+            signals,
+            task_status,
+        )
+
+
+async def _serve(
+    export: Export,
+    listen: Sequence[Listen],
+    kernel: KernelOptions | None,
+    prog: str,
+    signals: AsyncIterator[int],
+    task_status: trio.TaskStatus[list[str]],
+) -> None:
     try:
         listeners: list[trio.SocketListener] = []
         for where in listen:
@@ -54,7 +74,7 @@ async def serve(
                 listeners.append(await open_unix_listener(where.path))
             else:
                 listeners.extend(await open_tcp_listeners(where.host, where.port))
-        uris = [uri_for(listener, export_name) for listener in listeners]
+        uris = [uri_for(listener, export.name) for listener in listeners]
         async with trio.open_nursery() as nursery:
             if listeners:
                 await nursery.start(Server([export]).serve, listeners)
@@ -81,7 +101,7 @@ async def serve(
                 serving.insert(0, attached.path)
             ready(f"serving {', '.join(serving)}")
             task_status.started(uris)
-            await _wait_for_stop(prog, attachment)
+            await _wait_for_stop(prog, attachment, signals)
             nursery.cancel_scope.cancel()
     finally:
         stopping()
@@ -111,27 +131,28 @@ async def _run_kernel(
         scope.cancel()
 
 
-async def _wait_for_stop(prog: str, attachment: KernelExport | None) -> None:
+async def _wait_for_stop(
+    prog: str, attachment: KernelExport | None, signals: AsyncIterator[int]
+) -> None:
     forced = False
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            name = signal.Signals(signum).name
-            if attachment is None:
-                log.info("%s received %s: stopping", prog, name)
-                return
-            path = attachment.attached.path if attachment.attached else "/dev/nbd?"
-            if not forced and await attachment.in_use():
-                forced = True
-                log.warning(
-                    "%s received %s, but %s is in use (mounted or open): not detaching, since "
-                    "the kernel would fail its I/O in flight; unmount it and signal again "
-                    "(a second signal detaches anyway)",
-                    prog,
-                    name,
-                    path,
-                )
-                continue
-            log.info("%s received %s: detaching %s and stopping", prog, name, path)
-            stopping()
-            await attachment.detach()
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if attachment is None:
+            log.info("%s received %s: stopping", prog, name)
             return
+        path = attachment.attached.path if attachment.attached else "/dev/nbd?"
+        if not forced and await attachment.in_use():
+            forced = True
+            log.warning(
+                "%s received %s, but %s is in use (mounted or open): not detaching, since "
+                "the kernel would fail its I/O in flight; unmount it and signal again "
+                "(a second signal detaches anyway)",
+                prog,
+                name,
+                path,
+            )
+            continue
+        log.info("%s received %s: detaching %s and stopping", prog, name, path)
+        stopping()
+        await attachment.detach()
+        return
