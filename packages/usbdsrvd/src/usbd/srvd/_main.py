@@ -60,7 +60,8 @@ def choose_driver(name: str, found: Sequence[Found]) -> Driver[BaseModel]:
             f"{f.distribution} ({f.value})" for f in sorted(matches, key=lambda f: f.distribution)
         )
         raise UsageError(
-            f"-dev-type: {name!r} is offered by two distributions, {offered}: uninstall one"
+            f"-dev-type: {name!r} is offered by {len(distributions)} distributions, {offered}: "
+            "uninstall all but one"
         )
     if not matches:
         installed = sorted({f.driver.name for f in found if f.driver is not None})
