@@ -11,14 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeAlias, TypeVar
 
 from pydantic import BaseModel
 
 from ._device import Device
 from .settings import CommonSettings, NoOptions
 
-__all__ = ["ENTRY_POINT_GROUP", "Driver", "Found", "NoOptions", "discover_drivers"]
+__all__ = ["ENTRY_POINT_GROUP", "AnyDriver", "Driver", "Found", "NoOptions", "discover_drivers"]
 
 ENTRY_POINT_GROUP = "usbd.drivers"
 
@@ -60,6 +60,10 @@ class Driver(Generic[OptionsT]):
         return (self.name, *self.aliases)
 
 
+#: A driver whatever its options: what discovery finds and commands hold.
+AnyDriver: TypeAlias = "Driver[Any]"
+
+
 @dataclass(frozen=True)
 class Found:
     """One entry point of the group: the driver it names, or why it could not be loaded."""
@@ -67,7 +71,7 @@ class Found:
     name: str
     distribution: str
     value: str
-    driver: Driver[BaseModel] | None
+    driver: AnyDriver | None
     error: str | None = None
 
 

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from importlib import metadata
 from typing import Annotated
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from usbd.core.cli import STYLE_NOTE, Command, UsageError, run
-from usbd.core.driver import Driver, Found, discover_drivers
+from usbd.core.driver import AnyDriver, Found, discover_drivers
 from usbd.core.settings import CommonSettings, Flag
 
 __all__ = ["KNOWN_TYPES", "choose_driver", "main"]
@@ -49,7 +49,7 @@ def _offers(found: Found, name: str) -> bool:
     return name in names or _CANONICAL.get(name, name) in names
 
 
-def choose_driver(name: str, found: Sequence[Found]) -> Driver[BaseModel]:
+def choose_driver(name: str, found: Sequence[Found]) -> AnyDriver:
     """The installed driver called ``name`` (or by an alias), or a :class:`UsageError` that
     says what is installed, which distribution would provide it, or which one failed."""
     wanted = name.strip().lower()
@@ -104,7 +104,7 @@ def _epilog(found: Sequence[Found]) -> str:
 
 def command(found: Sequence[Found]) -> Command:
     """usbdsrvd for these discovered drivers; one driver per name takes the flags."""
-    drivers: dict[str, Driver[BaseModel]] = {}
+    drivers: dict[str, AnyDriver] = {}
     for f in found:
         if f.driver is not None:
             drivers.setdefault(f.driver.name, f.driver)

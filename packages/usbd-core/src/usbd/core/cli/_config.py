@@ -20,7 +20,7 @@ from pydantic import BaseModel, BeforeValidator, Field, ValidationError, create_
 from pydantic_core import ErrorDetails
 from pydantic_settings import SettingsError
 
-from ..driver import Driver
+from ..driver import AnyDriver
 from ..settings import ENV_PREFIX, CommonSettings
 from ._errors import UsageError
 from ._options import Option, base_type
@@ -29,7 +29,7 @@ __all__ = ["load_settings", "read_config_file", "settings_class"]
 
 
 def settings_class(
-    base: type[CommonSettings], drivers: Sequence[Driver[BaseModel]]
+    base: type[CommonSettings], drivers: Sequence[AnyDriver]
 ) -> type[CommonSettings]:
     """``base`` with one nested field per driver holding that driver's options."""
     fields: dict[str, Any] = {}

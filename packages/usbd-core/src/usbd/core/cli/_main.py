@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from .._listen import parse_listen
 from .._sizes import format_size
 from .._version import __version__
-from ..driver import Driver
+from ..driver import AnyDriver, Driver
 from ..kernel import KernelOptions
 from ..settings import CommonSettings
 from ._config import config_path, load_settings, settings_class
@@ -43,9 +43,9 @@ class Command:
 
     prog: str
     description: str
-    drivers: Sequence[Driver[BaseModel]]
+    drivers: Sequence[AnyDriver]
     settings: type[CommonSettings] = CommonSettings
-    select: Callable[[CommonSettings], Driver[BaseModel]] | None = None
+    select: Callable[[CommonSettings], AnyDriver] | None = None
     headings: Mapping[str, str] = field(default_factory=dict)
     epilog: str = ""
     version: str = __version__
@@ -99,7 +99,7 @@ def _configure_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
 
 
-def _warn_unused(settings: CommonSettings, chosen: Driver[BaseModel], command: Command) -> None:
+def _warn_unused(settings: CommonSettings, chosen: AnyDriver, command: Command) -> None:
     for driver in command.drivers:
         if driver is not chosen and getattr(settings, driver.name).model_fields_set:
             log.warning(
@@ -108,7 +108,7 @@ def _warn_unused(settings: CommonSettings, chosen: Driver[BaseModel], command: C
 
 
 def _startup_line(
-    settings: CommonSettings, driver: Driver[BaseModel], options: BaseModel, size: int
+    settings: CommonSettings, driver: AnyDriver, options: BaseModel, size: int
 ) -> str:
     kernel = kernel_options(settings)
     targets = []

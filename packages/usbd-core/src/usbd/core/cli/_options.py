@@ -14,11 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from ..driver import Driver
+from ..driver import AnyDriver
 from ..settings import ENV_PREFIX, CommonSettings, Flag
 
 __all__ = ["Option", "base_type", "flag_info", "option_table"]
@@ -124,9 +123,7 @@ def _option(flag: str, loc: tuple[str, ...], field: FieldInfo, group: str) -> Op
     )
 
 
-def option_table(
-    settings: type[CommonSettings], drivers: Sequence[Driver[BaseModel]]
-) -> list[Option]:
+def option_table(settings: type[CommonSettings], drivers: Sequence[AnyDriver]) -> list[Option]:
     """The shared settings (but the positional device) in model order, then each driver's."""
     table: list[Option] = []
     driver_fields = {driver.name for driver in drivers}
