@@ -539,3 +539,59 @@ def test_export_flags_follow_the_device() -> None:
     assert full & T_SEND_WRITE_ZEROES
     assert not full & T_READ_ONLY
     assert int(full) < 1 << 16  # fits the 16-bit field on the wire
+
+
+class TryingDevice(ThreadedMemDevice):
+    """A blocking device whose non-blocking attempts succeed only for the first 64 KiB (reads)
+    and write at most 3 bytes at once, recording which thread did what."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.where: list[tuple[str, bool]] = []
+
+    def _on_loop(self, what: str) -> None:
+        self.where.append((what, threading.get_ident() == LOOP_THREAD))
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._on_loop("read")
+        return super().read(offset, length)
+
+    def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        self._on_loop("write")
+        super().write(offset, data, fua)
+
+    def try_read(self, offset: int, length: int) -> bytes | None:
+        self._on_loop("try_read")
+        if offset + length > 65536:
+            return None
+        return bytes(self.data[offset : offset + length])
+
+    def try_write(self, offset: int, data: memoryview) -> int:
+        self._on_loop("try_write")
+        done = min(3, len(data))
+        self.data[offset : offset + done] = data[:done]
+        return done
+
+
+LOOP_THREAD = threading.get_ident()
+
+
+async def test_a_blocking_device_is_tried_on_the_event_loop_first() -> None:
+    """try_read that succeeds answers on the loop; one that declines goes to a thread; a
+    partial try_write leaves the rest of the write to a thread; the data is all there."""
+    device = TryingDevice()
+    with trio.fail_after(10):
+        async with seam(device) as (client, _):
+            assert await client.write(0, b"abcdefgh") == 0
+            assert await client.read(0, 8) == b"abcdefgh"
+            assert await client.write(70000, b"xy") == 0
+            assert await client.read(70000, 2) == b"xy"
+    assert device.where == [
+        ("try_write", True),
+        ("write", False),
+        ("try_read", True),
+        ("try_write", True),
+        ("try_read", True),
+        ("read", False),
+    ]
+    assert bytes(device.data[:8]) == b"abcdefgh"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import trio
 
@@ -26,7 +27,7 @@ from ._constants import (
     Errno,
     ExtentFlag,
 )
-from ._device import BytesLike
+from ._device import BytesLike, Device
 from ._errors import ProtocolError, nbd_errno
 from ._export import Export, drive
 from ._handshake import BASE_ALLOCATION_ID
@@ -70,6 +71,16 @@ _FAST_ZERO = int(CommandFlag.FAST_ZERO)
 _ZERO_EXTENT = int(ExtentFlag.ZERO)
 _WRITES = (_WRITE, _TRIM, _WRITE_ZEROES)
 _COUNTED = 16
+
+
+def _try_write(device: Device) -> Callable[[int, memoryview, bool], int]:
+    """``try_write`` in the shape of ``write`` (the fast path never has FUA)."""
+    attempt = device.try_write
+
+    def write(offset: int, data: memoryview, fua: bool) -> int:
+        return attempt(offset, data)
+
+    return write
 
 
 class Connection:
@@ -142,16 +153,24 @@ class Connection:
         max_payload = session.max_payload
         # The longest READ the fast path answers (0: none). Structured reads qualify too,
         # unless they are long enough to be worth splitting into data and holes.
-        fast_read = max_payload if inline and session.min_block == 1 else 0
+        # A blocking device that can try a READ or WRITE without blocking (a file whose data
+        # is in the page cache) takes the same fast path; when a try fails, the request goes
+        # on to a worker thread as usual.
+        attempt_read = inline or export.can_try_read
+        fast_read = max_payload if attempt_read and session.min_block == 1 else 0
         if not simple and export.can_extents:
             fast_read = min(fast_read, _SPARSE_READ_MIN - 1)
-        read = device.read
-        write = device.write
+        read = device.read if inline else device.try_read
+        write: Callable[[int, memoryview, bool], int | None] = (
+            device.write if inline else _try_write(device)
+        )
         data_header = OFFSET_DATA_HEADER.pack
         data_magic = STRUCTURED_REPLY_MAGIC
         data_done = REPLY_FLAG_DONE
         data_type = int(ChunkType.OFFSET_DATA)
-        write_ok = inline and export.can_write and session.min_block == 1
+        write_ok = (
+            (inline and export.can_write) or export.can_try_write
+        ) and session.min_block == 1
         out = self._out
         # Replies to oversized WRITEs wait until their payload has been drained: a client
         # (libnbd) that gets a reply while it is still sending the request drops the
@@ -171,30 +190,41 @@ class Connection:
                     if command == 0 and length <= fast_read:
                         try:
                             data = read(offset, length)
-                            if len(data) != length:
+                            if data is not None and len(data) != length:
                                 data = export.check_read(data, length)
                         except Exception as exc:
                             out.append(self._error(cookie, command, exc))
-                        else:
+                            continue
+                        if data is not None:
                             if simple:
                                 out.append(pack(magic, 0, cookie))
                             else:
                                 out.append(
                                     data_header(
-                                        data_magic, data_done, data_type, cookie, length + 8, offset
+                                        data_magic,
+                                        data_done,
+                                        data_type,
+                                        cookie,
+                                        length + 8,
+                                        offset,
                                     )
                                 )
                             out.append(data)
-                        continue
-                    if command == 1 and write_ok and payload is not None:
+                            continue
+                    elif command == 1 and write_ok and payload is not None:
                         self._dirty = True
                         try:
-                            write(offset, payload, False)
+                            done = write(offset, payload, False)
                         except Exception as exc:
                             out.append(self._error(cookie, command, exc))
-                        else:
+                            continue
+                        if done is None or done == length:
                             out.append(pack(magic, 0, cookie))
-                        continue
+                            continue
+                        # Part written at once; the rest goes to a worker thread below.
+                        offset += done
+                        length -= done
+                        payload = payload[done:]
                 if command == _DISC:
                     log.debug("%s: client sent DISC", self.name)
                     return

@@ -76,6 +76,10 @@ class Export:
         self.native_zero = self.can_write and _overrides(cls, "zero")
         self.can_extents = _overrides(cls, "extents")
         self.can_cache = _overrides(cls, "cache")
+        #: A blocking device that can try READ / WRITE on the event loop without blocking.
+        plain_blocking = not self.is_async and not self.inline
+        self.can_try_read = plain_blocking and _overrides(cls, "try_read")
+        self.can_try_write = plain_blocking and self.can_write and _overrides(cls, "try_write")
         self.native_fua = cls.fua is Fua.NATIVE
         self.can_fua = self.can_write and (self.native_fua or self.can_flush)
         self._closed = False
