@@ -595,3 +595,48 @@ async def test_a_blocking_device_is_tried_on_the_event_loop_first() -> None:
         ("read", False),
     ]
     assert bytes(device.data[:8]) == b"abcdefgh"
+
+
+class DeclinedWrites(ThreadedMemDevice):
+    """try_write never manages anything: every WRITE goes to the deferred batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.order: list[str] = []
+
+    def try_write(self, offset: int, data: memoryview) -> int:
+        return 0
+
+    def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        super().write(offset, data, fua)
+        self.order.append(f"write {offset}")
+
+    def flush(self) -> None:
+        super().flush()
+        self.order.append("flush")
+
+
+async def test_declined_writes_are_done_in_one_thread_call_per_batch_before_a_flush(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    device = DeclinedWrites()
+    batches: list[int] = []
+    original = Export.write_batch
+
+    async def counting(self: Export, writes: list[tuple[int, memoryview]]) -> list[object]:
+        batches.append(len(writes))
+        return await original(self, writes)  # type: ignore[return-value]
+
+    monkeypatch.setattr(Export, "write_batch", counting)
+    pipelined = b"".join(request(WRITE, 100 + i, i * 512, 4) + b"%04d" % i for i in range(16))
+    with trio.fail_after(15):
+        async with seam(device) as (client, _):
+            await client.send(pipelined + request(FLUSH, 200))
+            replies = {await client.simple_reply() for _ in range(17)}
+            assert replies == {(0, cookie) for cookie in [*range(100, 116), 200]}
+            assert await client.read(15 * 512, 4) == b"0015"
+    assert sum(batches) == 16
+    assert len(batches) < 16  # batched, not one thread call per write
+    # The FLUSH came after every write (the connection flushes once more as it ends).
+    assert device.order.index("flush") == 16
+    assert sorted(device.order[:16]) == sorted(f"write {i * 512}" for i in range(16))

@@ -94,6 +94,9 @@ class Device:
     multi_conn: ClassVar[bool] = False
     #: Seeks are expensive (the kernel then schedules I/O differently).
     rotational: ClassVar[bool] = False
+    #: Split long structured reads into data and hole chunks using :meth:`extents` (cheap
+    #: for a RAM disk's map; a file would pay extra lseeks on every read).
+    sparse_reads: ClassVar[bool] = True
     #: Refuse writes even though :meth:`write` exists.
     read_only: bool = False
     #: How FUA is honoured; ignored unless the device implements ``flush`` or FUA is native.
@@ -144,9 +147,10 @@ class Device:
 
     def try_write(self, offset: int, data: memoryview) -> int:
         """For a blocking device: write what can be written at once without blocking and
-        return how many bytes that was (0 for none); the engine writes the rest with
-        :meth:`write` in a worker thread. Called on the event loop: it must never block.
-        Optional."""
+        return how many bytes that was (0 for none). The engine writes the rest with
+        :meth:`write`, the rests of a batch of requests together in one worker-thread call:
+        offering this method says that writes are usually quick (a file's page cache).
+        Called on the event loop: it must never block. Optional."""
         raise NotImplementedError
 
     def close(self) -> None:

@@ -158,7 +158,7 @@ class Connection:
         # on to a worker thread as usual.
         attempt_read = inline or export.can_try_read
         fast_read = max_payload if attempt_read and session.min_block == 1 else 0
-        if not simple and export.can_extents:
+        if not simple and export.sparse_reads:
             fast_read = min(fast_read, _SPARSE_READ_MIN - 1)
         read = device.read if inline else device.try_read
         write: Callable[[int, memoryview, bool], int | None] = (
@@ -180,6 +180,10 @@ class Connection:
         magic = SIMPLE_REPLY_MAGIC
         extra = 0
         counts = export.counts
+        # Plain WRITEs a try_write could not finish, done together in one worker-thread call
+        # (one hop per batch, not per request) before anything else is dispatched and before
+        # the buffer their payloads point into is reused.
+        deferred: list[tuple[int, int, memoryview]] = []
         while True:
             while (request := buffer.pop()) is not None:
                 command, flags, cookie, offset, length, payload = request
@@ -220,11 +224,11 @@ class Connection:
                             continue
                         if done is None or done == length:
                             out.append(pack(magic, 0, cookie))
-                            continue
-                        # Part written at once; the rest goes to a worker thread below.
-                        offset += done
-                        length -= done
-                        payload = payload[done:]
+                        else:
+                            deferred.append((cookie, offset + done, payload[done:]))
+                        continue
+                if deferred:
+                    await self._write_deferred(deferred)
                 if command == _DISC:
                     log.debug("%s: client sent DISC", self.name)
                     return
@@ -269,6 +273,8 @@ class Connection:
                 nursery.start_soon(
                     self._task, seq, cost, command, flags, cookie, offset, length, payload
                 )
+            if deferred:
+                await self._write_deferred(deferred)
             if held and not buffer.discarding:
                 out.extend(held)
                 held.clear()
@@ -289,6 +295,17 @@ class Connection:
                     log.info("%s: client disconnected in the middle of a request", self.name)
                 return
             buffer.commit(received)
+
+    async def _write_deferred(self, deferred: list[tuple[int, int, memoryview]]) -> None:
+        """Write the deferred batch in one worker-thread call and queue each reply."""
+        batch = deferred[:]
+        deferred.clear()
+        results = await self.export.write_batch([(offset, data) for _, offset, data in batch])
+        out = self._out
+        for (cookie, _, _), error in zip(batch, results, strict=True):
+            out.append(
+                simple_reply(cookie) if error is None else self._error(cookie, _WRITE, error)
+            )
 
     async def _task(
         self,
@@ -373,7 +390,7 @@ class Connection:
         if not self.session.structured_replies:
             return [simple_reply(cookie), await export.read(offset, length)]
         runs = [(length, 0)]
-        if export.can_extents and length >= _SPARSE_READ_MIN and not flags & _DF:
+        if export.sparse_reads and length >= _SPARSE_READ_MIN and not flags & _DF:
             runs = await export.extents(offset, length)
         chunks: list[BytesLike] = []
         pos = offset
