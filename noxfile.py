@@ -18,13 +18,19 @@ nox.options.error_on_missing_interpreters = True
 PACKAGES: dict[str, list[str]] = {
     "usbd-core": ["./packages/usbd-core[testing]"],
     "usbd-ramdisk": ["./packages/usbd-core[testing]", "./packages/usbd-ramdisk"],
+    "usbd-filedisk": ["./packages/usbd-core[testing]", "./packages/usbd-filedisk"],
     "usbdsrvd": [
         "./packages/usbd-core[testing]",
         "./packages/usbd-ramdisk",
         "./packages/usbdsrvd",
     ],
 }
-ALL = ["./packages/usbd-core[testing]", "./packages/usbd-ramdisk", "./packages/usbdsrvd"]
+ALL = [
+    "./packages/usbd-core[testing]",
+    "./packages/usbd-ramdisk",
+    "./packages/usbd-filedisk",
+    "./packages/usbdsrvd",
+]
 
 
 def _pytest(session: nox.Session, *paths: str) -> None:
@@ -83,6 +89,7 @@ def lint(session: nox.Session) -> None:
         "mypy",
         "packages/usbd-core/src/usbd/core",
         "packages/usbd-ramdisk/src/usbd/ramdisk",
+        "packages/usbd-filedisk/src/usbd/filedisk",
         "packages/usbdsrvd/src/usbd/srvd",
     )
 
