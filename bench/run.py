@@ -1,21 +1,32 @@
-"""Benchmark usbd-ramdisk against nbdkit with fio over NBD on unix sockets (not a test).
+"""Benchmark usbd's drivers against nbdkit with fio over NBD on unix sockets (not a test).
 
-Three servers, each a 1 GiB RAM disk: ``usbd-ramdisk``, ``nbdkit memory`` (C) and nbdkit's
-Python plugin with ``bench/nbdkit_ramdisk.py``. They run side by side for the whole run; every
-device is filled by one sequential write pass first, so that reads read data, not holes.
-Then, round after round, each workload runs against each server in turn (the order rotates
-every round), so that noise from the machine falls on all of them alike. The result is a
-table of MiB/s, IOPS, server CPU per I/O and usbd's ratio to each server, a JSON file with
-every number, the daemon's resident memory when empty and after the writes, and fio
-``verify=crc32c`` passes against usbd to show that speed did not cost correctness.
+Two suites, each one usbd driver against the nbdkit servers that do the same job:
 
-Targets (from the issue; reported, not asserted): usbd >= 1.0x nbdkit memory on 1 MiB
-sequential, >= 1.3x on 4 KiB random, and under 80 MiB resident with an empty 1 GiB disk.
+- ``ramdisk``: ``usbd-ramdisk`` against ``nbdkit memory`` (C) and nbdkit's Python plugin
+  with ``bench/nbdkit_ramdisk.py``, each a RAM disk.
+- ``file``: ``usbd-filedisk`` against ``nbdkit file``, each serving a file of the same size
+  in the run's temporary directory (same filesystem, so the same page cache and disk).
 
-Usage: ``python bench/run.py [--runtime 10] [--rounds 3] [--output bench-results/bench.json]``
-(``nox -s bench -- ARGS`` passes ARGS through). Uses only the standard library and the
-installed usbd packages; needs ``fio`` (with ``ioengine=nbd``) and ``nbdkit`` (with its
-python plugin) on PATH.
+A suite's servers run side by side; every device is filled by one sequential write pass
+first, so that reads read data, not holes (the files start sparse). Then, round after round,
+each workload runs against each server in turn (the order rotates every round), so that
+noise from the machine falls on all of them alike. Suites run one after the other and are
+only compared within themselves. The result is a table per suite of MiB/s, IOPS, server CPU
+per I/O and usbd's ratio to each server, a JSON file with every number, resident memory
+when empty and after the writes, and fio ``verify=crc32c`` passes against each usbd driver
+to show that speed did not cost correctness.
+
+Targets (from the issues; reported, not asserted), as usbd / baseline throughput:
+
+- ramdisk, against nbdkit memory: >= 1.0x on 1 MiB sequential, >= 1.3x on 4 KiB random,
+  and under 80 MiB resident with an empty 1 GiB disk.
+- file, against nbdkit file: >= 0.9x on 1 MiB sequential, >= 0.8x on 4 KiB random.
+
+Usage: ``python bench/run.py [--suite ramdisk|file|all] [--runtime 10] [--rounds 3]
+[--output bench-results/bench.json]`` (``nox -s bench -- ARGS`` passes ARGS through). Uses
+only the standard library and the installed usbd packages; needs ``fio`` (with
+``ioengine=nbd``) and ``nbdkit`` (with its python plugin; the file plugin is built in) on
+PATH.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import importlib.util
 import json
 import os
 import platform
@@ -34,15 +46,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 MiB = 1 << 20
-SERVERS = ("usbd", "nbdkit-memory", "nbdkit-python")
-RSS_TARGET_MIB = 80
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 
@@ -56,15 +66,57 @@ class Workload:
     bs: str
     iodepth: int
     direction: str  # the key of fio's JSON result: "read" or "write"
-    target: float | None  # usbd / nbdkit-memory ratio the issue asks for
 
 
 WORKLOADS = (
-    Workload("seq-read-1M", "read", "1M", 8, "read", 1.0),
-    Workload("seq-write-1M", "write", "1M", 8, "write", 1.0),
-    Workload("rand-read-4K", "randread", "4k", 32, "read", 1.3),
-    Workload("rand-write-4K", "randwrite", "4k", 32, "write", 1.3),
+    Workload("seq-read-1M", "read", "1M", 8, "read"),
+    Workload("seq-write-1M", "write", "1M", 8, "write"),
+    Workload("rand-read-4K", "randread", "4k", 32, "read"),
+    Workload("rand-write-4K", "randwrite", "4k", 32, "write"),
 )
+
+
+@dataclass(frozen=True)
+class Suite:
+    """One usbd driver and the servers it is measured against.
+
+    ``targets`` are minimum usbd / ``baseline`` ratios per workload name; ``rss_target_mib``
+    is a ceiling on usbd's resident memory with an empty device, where the issue sets one
+    (a file-backed daemon's data lives in the page cache, not in its own memory).
+    """
+
+    name: str
+    usbd: str
+    others: tuple[str, ...]
+    baseline: str
+    targets: Mapping[str, float]
+    rss_target_mib: int | None = None
+
+    @property
+    def servers(self) -> tuple[str, ...]:
+        return (self.usbd, *self.others)
+
+
+SUITES = (
+    Suite(
+        "ramdisk",
+        "usbd-ramdisk",
+        ("nbdkit-memory", "nbdkit-python"),
+        "nbdkit-memory",
+        {"seq-read-1M": 1.0, "seq-write-1M": 1.0, "rand-read-4K": 1.3, "rand-write-4K": 1.3},
+        rss_target_mib=80,
+    ),
+    Suite(
+        "file",
+        "usbd-filedisk",
+        ("nbdkit-file",),
+        "nbdkit-file",
+        {"seq-read-1M": 0.9, "seq-write-1M": 0.9, "rand-read-4K": 0.8, "rand-write-4K": 0.8},
+    ),
+)
+SERVERS = tuple(name for suite in SUITES for name in suite.servers)
+#: The module each usbd server runs as (``python -m``), checked before anything starts.
+USBD_MODULES = {"usbd-ramdisk": "usbd.ramdisk", "usbd-filedisk": "usbd.filedisk"}
 
 
 def parse_size(text: str) -> int:
@@ -122,14 +174,26 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def create_sparse(path: Path, size: int) -> None:
+    """A file of ``size`` bytes with no blocks allocated (as usbd-filedisk makes its own)."""
+    with path.open("wb") as file:
+        file.truncate(size)
+
+
 @dataclass
 class Server:
-    """One NBD server process listening on a unix socket in the run's temporary directory."""
+    """One NBD server process listening on a unix socket in the run's temporary directory.
+
+    ``backing`` is the file a file server serves (its allocation is reported after the
+    prefill, to show that reads will read data); ``prepare`` runs just before the start.
+    """
 
     name: str
     argv: list[str]
     socket_path: Path
     log_path: Path
+    backing: Path | None = None
+    prepare: Callable[[], None] | None = None
     process: subprocess.Popen[bytes] | None = None
     memory: dict[str, dict[str, int]] = field(default_factory=dict)
 
@@ -143,6 +207,8 @@ class Server:
         return self.process.pid
 
     def start(self) -> None:
+        if self.prepare is not None:
+            self.prepare()
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 self.argv,
@@ -182,6 +248,15 @@ class Server:
         self.memory[label] = read_proc_status(self.pid)
         return self.memory[label]
 
+    def allocated(self) -> int | None:
+        """Bytes of disk (or page cache) the backing file holds; None without one."""
+        if self.backing is None:
+            return None
+        try:
+            return self.backing.stat().st_blocks * 512
+        except OSError:
+            return None
+
     def stop(self) -> None:
         """SIGTERM (usbd flushes and closes the device), then SIGKILL if it hangs."""
         process = self.process
@@ -202,6 +277,7 @@ class Server:
 
 
 def make_servers(workdir: Path, size: int) -> dict[str, Server]:
+    """Every server the benchmark knows, by name; none started, no file created yet."""
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
         sys.exit("bench: nbdkit not found on PATH (Debian: apt-get install nbdkit)")
@@ -209,34 +285,29 @@ def make_servers(workdir: Path, size: int) -> dict[str, Server]:
     def sock(name: str) -> Path:
         return workdir / f"{name}.sock"
 
-    common = [nbdkit, "-f", "--exit-with-parent"]
-    return {
-        "usbd": Server(
-            "usbd",
-            [
-                *[sys.executable, "-m", "usbd.ramdisk"],
-                *["--listen", str(sock("usbd")), "--store-size", str(size)],
-                *["--log-level", "warning"],
-            ],
-            sock("usbd"),
-            workdir / "usbd.log",
-        ),
-        "nbdkit-memory": Server(
-            "nbdkit-memory",
-            [*common, "-U", str(sock("memory")), "memory", f"size={size}"],
-            sock("memory"),
-            workdir / "nbdkit-memory.log",
-        ),
-        "nbdkit-python": Server(
-            "nbdkit-python",
-            [
-                *[*common, "-U", str(sock("python")), "python"],
-                *[str(HERE / "nbdkit_ramdisk.py"), f"size={size}"],
-            ],
-            sock("python"),
-            workdir / "nbdkit-python.log",
-        ),
-    }
+    def usbd(name: str, *options: str) -> Server:
+        argv = [sys.executable, "-m", USBD_MODULES[name], "--listen", str(sock(name))]
+        argv += [*options, "--store-size", str(size), "--log-level", "warning"]
+        return Server(name, argv, sock(name), workdir / f"{name}.log")
+
+    def nbdkit_server(name: str, *plugin: str) -> Server:
+        argv = [nbdkit, "-f", "--exit-with-parent", "-U", str(sock(name)), *plugin]
+        return Server(name, argv, sock(name), workdir / f"{name}.log")
+
+    # usbd-filedisk serves <store-dir>/<store-name>.bin and creates it sparse itself.
+    filedisk = usbd("usbd-filedisk", "--store-dir", str(workdir), "--store-name", "usbd-filedisk")
+    filedisk.backing = workdir / "usbd-filedisk.bin"
+    nbdkit_file = nbdkit_server("nbdkit-file", "file", str(workdir / "nbdkit-file.bin"))
+    nbdkit_file.backing = workdir / "nbdkit-file.bin"
+    nbdkit_file.prepare = lambda: create_sparse(workdir / "nbdkit-file.bin", size)
+    servers = [
+        usbd("usbd-ramdisk"),
+        nbdkit_server("nbdkit-memory", "memory", f"size={size}"),
+        nbdkit_server("nbdkit-python", "python", str(HERE / "nbdkit_ramdisk.py"), f"size={size}"),
+        filedisk,
+        nbdkit_file,
+    ]
+    return {server.name: server for server in servers}
 
 
 @contextlib.contextmanager
@@ -378,6 +449,106 @@ def verify(server: Server, args: argparse.Namespace) -> list[dict[str, Any]]:
     return results
 
 
+# -- running a suite ---------------------------------------------------------------------
+
+
+def run_suite(
+    suite: Suite,
+    servers: Mapping[str, Server],
+    names: Sequence[str],
+    workloads: Sequence[Workload],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Start the suite's servers, fill them, run every workload in rotating order, verify.
+
+    Raises RuntimeError (after printing the servers' logs) if a server or fio fails.
+    """
+    chosen = [servers[name] for name in names]
+    result: dict[str, Any] = {
+        "usbd": suite.usbd,
+        "baseline": suite.baseline,
+        "targets": dict(suite.targets),
+        "rss_target_mib": suite.rss_target_mib,
+        "servers": list(names),
+        "memory": {},
+        "prefill_mib_s": {},
+        "allocated_bytes": {},
+        "workloads": {},
+    }
+    try:
+        with running(chosen):
+            time.sleep(0.5)  # let start-up allocations settle before reading VmRSS
+            for server in chosen:
+                server.record_memory("empty")
+                print(f"bench: {suite.name}: {server.name} up (pid {server.pid})", flush=True)
+            for server in chosen:
+                speed = prefill(server, args)
+                result["prefill_mib_s"][server.name] = speed
+                allocated = server.allocated()
+                note = ""
+                if allocated is not None:
+                    result["allocated_bytes"][server.name] = allocated
+                    note = f" ({allocated / MiB:.0f} MiB of its file allocated)"
+                print(f"bench: prefilled {server.name} at {speed:.0f} MiB/s{note}", flush=True)
+            # Write back what the prefill left dirty now, not during the first measurements.
+            os.sync()
+            for round_ in range(args.rounds):
+                shift = round_ % len(names)
+                order = [*names[shift:], *names[:shift]]
+                for workload in workloads:
+                    for name in order:
+                        sample = measure(servers[name], workload, args)
+                        entry = result["workloads"].setdefault(workload.name, {})
+                        entry.setdefault(name, {"rounds": []})["rounds"].append(sample)
+                        print(
+                            f"bench: {suite.name} round {round_ + 1}/{args.rounds}"
+                            f" {workload.name:<14} {name:<14}"
+                            f" {sample['mib_s']:9.1f} MiB/s {sample['iops']:9.0f} IOPS"
+                            f" (server CPU {sample['server_cpu']:.2f},"
+                            f" {sample['server_cpu_us_per_io']:.1f} us/IO)",
+                            flush=True,
+                        )
+            for server in chosen:
+                server.record_memory("after_writes")
+            if suite.usbd in names and not args.no_verify:
+                result["verify"] = verify(servers[suite.usbd], args)
+                servers[suite.usbd].record_memory("after_verify")
+    except (RuntimeError, KeyboardInterrupt):
+        for server in chosen:
+            log = server.log().strip()
+            if log:
+                print(f"bench: {server.name} log:\n{log}", file=sys.stderr)
+        raise
+    for server in chosen:
+        result["memory"][server.name] = server.memory
+        log = server.log().strip()
+        if log:  # usbd's start and exit lines, warnings and errors; nbdkit's errors
+            result.setdefault("logs", {})[server.name] = log
+        if server.process is not None and server.process.returncode not in (0, None):
+            result.setdefault("exit_codes", {})[server.name] = server.process.returncode
+    summarise_suite(result, suite.usbd, args.stat)
+    return result
+
+
+def summarise_suite(result: dict[str, Any], usbd: str, how: str) -> None:
+    """Add each server's summary over the rounds and usbd's ratio to every other server."""
+    for per_server in result["workloads"].values():
+        for values in per_server.values():
+            rounds = values["rounds"]
+            values["summary"] = {
+                key: summarise([r[key] for r in rounds], how)
+                for key in rounds[0]
+                if isinstance(rounds[0][key], int | float)
+            }
+        ours = per_server.get(usbd, {}).get("summary")
+        if ours:
+            per_server["ratios"] = {
+                f"{usbd}/{name}": ours["iops"] / values["summary"]["iops"]
+                for name, values in per_server.items()
+                if name != usbd
+            }
+
+
 # -- reporting ---------------------------------------------------------------------------
 
 
@@ -400,19 +571,20 @@ def render(table: list[list[str]], left: frozenset[int] = frozenset({0, 1})) -> 
     return "\n".join(lines)
 
 
-def report(results: dict[str, Any], servers: Sequence[str], how: str) -> str:
+def report(suite: Suite, result: dict[str, Any], rounds: int, how: str, size: int) -> str:
+    """The suite's tables (per server, then usbd's ratios and targets), memory and verify."""
+    names: list[str] = result["servers"]
+    others = [name for name in names if name != suite.usbd]
     rows = [["workload", "server", "MiB/s", "IOPS", "srv CPU", "CPU us/IO", "usbd/this"]]
-    ratios = [["workload", "usbd/nbdkit-memory", "usbd/nbdkit-python", "target vs memory"]]
+    ratios = [["workload", *(f"{suite.usbd}/{o}" for o in others), f"target vs {suite.baseline}"]]
     for workload in WORKLOADS:
-        per_server = results["workloads"].get(workload.name)
+        per_server = result["workloads"].get(workload.name)
         if not per_server:
             continue
-        usbd = per_server.get("usbd", {}).get("summary")
-        for name in servers:
+        found = per_server.get("ratios", {})
+        for name in names:
             summary = per_server[name]["summary"]
-            ratio = ""
-            if usbd and name != "usbd":
-                ratio = f"{usbd['iops'] / summary['iops']:.2f}x"
+            ratio = found.get(f"{suite.usbd}/{name}")
             rows.append(
                 [
                     workload.name,
@@ -421,53 +593,61 @@ def report(results: dict[str, Any], servers: Sequence[str], how: str) -> str:
                     f"{summary['iops']:.0f}",
                     f"{summary['server_cpu']:.2f}",
                     f"{summary['server_cpu_us_per_io']:.1f}",
-                    ratio,
+                    "" if ratio is None else f"{ratio:.2f}x",
                 ]
             )
         ratio_row = [workload.name]
-        for other in ("nbdkit-memory", "nbdkit-python"):
-            value = per_server.get("ratios", {}).get(f"usbd/{other}")
+        for other in others:
+            value = found.get(f"{suite.usbd}/{other}")
             ratio_row.append("-" if value is None else f"{value:.2f}x")
-        target = workload.target
-        memory_ratio = per_server.get("ratios", {}).get("usbd/nbdkit-memory")
-        if target is None or memory_ratio is None:
+        target = suite.targets.get(workload.name)
+        baseline = found.get(f"{suite.usbd}/{suite.baseline}")
+        if target is None or baseline is None:
             ratio_row.append("")
         else:
-            verdict = "met" if memory_ratio >= target else "NOT met"
+            verdict = "met" if baseline >= target else "NOT met"
             ratio_row.append(f">= {target:.1f}x ({verdict})")
         ratios.append(ratio_row)
-    text = [f"fio over NBD, unix sockets ({how} of {results['config']['rounds']} round(s)):"]
-    text += [render(rows), "", render(ratios, frozenset({0, 3}))]
-    memory = results.get("memory", {})
-    if "usbd" in memory:
-        usbd_mem = memory["usbd"]
-        empty = usbd_mem.get("empty", {}).get("VmRSS")
-        after = usbd_mem.get("after_writes", {}).get("VmRSS")
-        text.append("")
-        if empty is not None:
-            verdict = "met" if empty < RSS_TARGET_MIB * MiB else "NOT met"
-            text.append(
-                f"usbd resident memory, empty {results['config']['size'] // MiB} MiB ramdisk: "
-                f"{empty / MiB:.1f} MiB (target < {RSS_TARGET_MIB} MiB: {verdict})"
-            )
-        if after is not None:
-            text.append(f"usbd resident memory after the write runs: {after / MiB:.1f} MiB")
-        others = [
-            f"{name} {values.get('empty', {}).get('VmRSS', 0) / MiB:.1f} -> "
-            f"{values.get('after_writes', {}).get('VmRSS', 0) / MiB:.1f} MiB"
-            for name, values in memory.items()
-            if name != "usbd"
-        ]
-        if others:
-            text.append("for comparison (empty -> after writes): " + ", ".join(others))
-    for check in results.get("verify", []):
+    text = [f"{suite.name} suite: fio over NBD, unix sockets ({how} of {rounds} round(s)):"]
+    text.append(render(rows))
+    if suite.usbd in names and others:
+        text += ["", render(ratios, frozenset({0, len(ratios[0]) - 1}))]
+    text += memory_lines(suite, result["memory"], size)
+    for check in result.get("verify", []):
         if check["passed"]:
             status = f"PASS ({check['verified_ios']} blocks checked)"
         else:
             first = (check.get("error") or "").strip().splitlines()
             status = "FAIL" + (f": {first[0]}" if first else "")
-        text.append(f"fio verify=crc32c against usbd, {check['name']}: {status}")
+        text.append(f"fio verify=crc32c against {suite.usbd}, {check['name']}: {status}")
     return "\n".join(text)
+
+
+def memory_lines(suite: Suite, memory: Mapping[str, Any], size: int) -> list[str]:
+    """usbd's resident memory (against the suite's ceiling, if any), then the others'."""
+    text: list[str] = []
+    ours = memory.get(suite.usbd, {})
+    empty = ours.get("empty", {}).get("VmRSS")
+    after = ours.get("after_writes", {}).get("VmRSS")
+    if empty is not None:
+        line = (
+            f"{suite.usbd} resident memory, empty {size // MiB} MiB device: {empty / MiB:.1f} MiB"
+        )
+        if suite.rss_target_mib is not None:
+            verdict = "met" if empty < suite.rss_target_mib * MiB else "NOT met"
+            line += f" (target < {suite.rss_target_mib} MiB: {verdict})"
+        text.append(line)
+    if after is not None:
+        text.append(f"{suite.usbd} resident memory after the write runs: {after / MiB:.1f} MiB")
+    others = [
+        f"{name} {values.get('empty', {}).get('VmRSS', 0) / MiB:.1f} -> "
+        f"{values.get('after_writes', {}).get('VmRSS', 0) / MiB:.1f} MiB"
+        for name, values in memory.items()
+        if name != suite.usbd
+    ]
+    if others:
+        text.append("for comparison (empty -> after writes): " + ", ".join(others))
+    return ["", *text] if text else []
 
 
 # -- main --------------------------------------------------------------------------------
@@ -481,6 +661,12 @@ def version(program: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] if __doc__ else None, allow_abbrev=False
+    )
+    parser.add_argument(
+        "--suite",
+        choices=[*(suite.name for suite in SUITES), "all"],
+        default="all",
+        help="which usbd driver to measure against its nbdkit counterparts (default all)",
     )
     parser.add_argument("--runtime", type=positive, default=10, help="seconds per run (default 10)")
     parser.add_argument(
@@ -509,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=SERVERS,
         default=list(SERVERS),
-        help="servers to run (default all; ratios need usbd)",
+        help="servers to run, within the chosen suites (default all; ratios need usbd's)",
     )
     parser.add_argument(
         "--workloads",
@@ -519,6 +705,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="workloads to run (default all)",
     )
     parser.add_argument("--no-verify", action="store_true", help="skip the verify passes")
+    parser.add_argument(
+        "--tmpdir",
+        type=Path,
+        default=None,
+        help="where the run's temporary directory (sockets, the file suite's files) goes "
+        "(default the system's; its filesystem is what the file suite measures)",
+    )
     parser.add_argument(
         "--output",
         type=Path,
@@ -533,16 +726,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if shutil.which("fio") is None:
         sys.exit("bench: fio not found on PATH (Debian: apt-get install fio)")
     workloads = [w for w in WORKLOADS if w.name in args.workloads]
-    names = [name for name in SERVERS if name in args.servers]
+    plan = [
+        (suite, [name for name in suite.servers if name in args.servers])
+        for suite in SUITES
+        if args.suite in (suite.name, "all")
+    ]
+    plan = [(suite, names) for suite, names in plan if names]
+    if not plan:
+        sys.exit(f"bench: none of --servers {' '.join(args.servers)} is in suite {args.suite}")
+    for suite, names in plan:
+        if suite.usbd in names and importlib.util.find_spec(USBD_MODULES[suite.usbd]) is None:
+            sys.exit(
+                f"bench: {USBD_MODULES[suite.usbd]} is not installed"
+                f" (pip install packages/{suite.usbd}), needed by the {suite.name} suite"
+            )
     results: dict[str, Any] = {
         "config": {
+            "suites": [suite.name for suite, _ in plan],
             "runtime": args.runtime,
             "ramp_time": args.ramp_time,
             "rounds": args.rounds,
             "stat": args.stat,
             "size": args.size,
             "verify_size": args.verify_size,
-            "servers": names,
             "workloads": {
                 w.name: {"rw": w.rw, "bs": w.bs, "iodepth": w.iodepth} for w in workloads
             },
@@ -555,74 +761,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             "nbdkit": version("nbdkit"),
         },
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "memory": {},
-        "prefill_mib_s": {},
-        "workloads": {},
+        "suites": {},
     }
-    with tempfile.TemporaryDirectory(prefix="usbd-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="usbd-bench-", dir=args.tmpdir) as tmp:
+        results["config"]["tmpdir"] = tmp
         servers = make_servers(Path(tmp), args.size)
-        chosen = [servers[name] for name in names]
-        try:
-            with running(chosen):
-                time.sleep(0.5)  # let start-up allocations settle before reading VmRSS
-                for server in chosen:
-                    server.record_memory("empty")
-                    print(f"bench: {server.name} up (pid {server.pid})", flush=True)
-                for server in chosen:
-                    speed = prefill(server, args)
-                    results["prefill_mib_s"][server.name] = speed
-                    print(f"bench: prefilled {server.name} at {speed:.0f} MiB/s", flush=True)
-                for round_ in range(args.rounds):
-                    order = names[round_ % len(names) :] + names[: round_ % len(names)]
-                    for workload in workloads:
-                        for name in order:
-                            sample = measure(servers[name], workload, args)
-                            entry = results["workloads"].setdefault(workload.name, {})
-                            entry.setdefault(name, {"rounds": []})["rounds"].append(sample)
-                            print(
-                                f"bench: round {round_ + 1}/{args.rounds} {workload.name:<14}"
-                                f" {name:<14} {sample['mib_s']:9.1f} MiB/s"
-                                f" {sample['iops']:9.0f} IOPS"
-                                f" (server CPU {sample['server_cpu']:.2f},"
-                                f" {sample['server_cpu_us_per_io']:.1f} us/IO)",
-                                flush=True,
-                            )
-                for server in chosen:
-                    server.record_memory("after_writes")
-                if "usbd" in servers and "usbd" in names and not args.no_verify:
-                    results["verify"] = verify(servers["usbd"], args)
-                    servers["usbd"].record_memory("after_verify")
-        except (RuntimeError, KeyboardInterrupt) as exc:
-            for server in chosen:
-                if server.process is not None and server.process.poll() is not None:
-                    print(f"bench: {server.name} log:\n{server.log()}", file=sys.stderr)
-            print(f"bench: aborted: {exc}", file=sys.stderr)
-            return 1
-        for server in chosen:
-            results["memory"][server.name] = server.memory
-            if server.process is not None and server.process.returncode not in (0, None):
-                results.setdefault("exit_codes", {})[server.name] = server.process.returncode
-    for per_server in results["workloads"].values():
-        for values in per_server.values():
-            rounds = values["rounds"]
-            values["summary"] = {
-                key: summarise([r[key] for r in rounds], args.stat)
-                for key in rounds[0]
-                if isinstance(rounds[0][key], int | float)
-            }
-        usbd = per_server.get("usbd", {}).get("summary")
-        if usbd:
-            per_server["ratios"] = {
-                f"usbd/{name}": usbd["iops"] / per_server[name]["summary"]["iops"]
-                for name in names
-                if name != "usbd" and name in per_server
-            }
+        for suite, names in plan:
+            try:
+                results["suites"][suite.name] = run_suite(suite, servers, names, workloads, args)
+            except (RuntimeError, KeyboardInterrupt) as exc:
+                print(f"bench: aborted in the {suite.name} suite: {exc}", file=sys.stderr)
+                return 1
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")
-    print()
-    print(report(results, names, args.stat))
+    for suite, _ in plan:
+        print()
+        print(report(suite, results["suites"][suite.name], args.rounds, args.stat, args.size))
     print(f"\nbench: results written to {args.output}")
-    failed = [check for check in results.get("verify", []) if not check["passed"]]
+    failed = [
+        check
+        for result in results["suites"].values()
+        for check in result.get("verify", [])
+        if not check["passed"]
+    ]
     return 1 if failed else 0
 
 
