@@ -159,18 +159,18 @@ def test_mounted_device_is_not_detached_until_unmounted(vm: VM) -> None:
 def test_restart_after_kill_9_while_mounted(vm: VM) -> None:
     """A daemon killed while its filesystem is mounted is restarted on the same device:
     netlink RECONFIGURE re-attaches it, the filesystem carries on and its files verify."""
-    py, dev = '"$USBD_PY"', f"{GUEST / 'filedev.py'} --store-dir /tmp --store-name disk"
+    filedisk = '"$USBD_BIN/usbd-filedisk" --store-dir /tmp --store-name disk'
     result = run(
         vm,
         f"""
-        start file {py} {dev} --store-size 256MiB --dead-timeout 120 /dev/nbd0
+        start file {filedisk} --store-size 256MiB --dead-timeout 120 /dev/nbd0
         mkfs.ext4 -q /dev/nbd0 && mkdir -p /mnt/x && mount /dev/nbd0 /mnt/x
         write_files /mnt/x
         sync
         kill -KILL ${{DAEMON_PID[file]}}
         wait ${{DAEMON_PID[file]}} || true
         test -e /sys/block/nbd0/pid && echo "nbd0 still connected after kill -9"
-        start file {py} {dev} --store-size 256MiB /dev/nbd0
+        start file {filedisk} --store-size 256MiB /dev/nbd0
         grep -h "re-attached" /tmp/file.err
         drop_caches /dev/nbd0
         verify_files /mnt/x
