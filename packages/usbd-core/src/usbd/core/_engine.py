@@ -300,7 +300,11 @@ class Connection:
         """Write the deferred batch in one worker-thread call and queue each reply."""
         batch = deferred[:]
         deferred.clear()
-        results = await self.export.write_batch([(offset, data) for _, offset, data in batch])
+        results: list[Exception | None]
+        try:
+            results = await self.export.write_batch([(o, data) for _, o, data in batch])
+        except Exception as exc:  # the device was closed: each write gets the error
+            results = [exc] * len(batch)
         out = self._out
         for (cookie, _, _), error in zip(batch, results, strict=True):
             out.append(

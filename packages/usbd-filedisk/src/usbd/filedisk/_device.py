@@ -422,18 +422,9 @@ class DirectFileDisk(FileDisk):
     try_read = Device.try_read
     try_write = Device.try_write
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        size: int | None = None,
-        *,
-        grow: bool = False,
-        default_size: int = DEFAULT_SIZE,
-    ) -> None:
-        self._lock = SharedLock()
-        super().__init__(path, size, grow=grow, default_size=default_size)
-
     def _prepare(self, fd: int) -> None:
+        # Read-modify-writes of edge blocks against fallocate (see _changing).
+        self._lock = SharedLock()
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         try:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)

@@ -9,7 +9,14 @@ from usbd.core.cli import main as cli_main
 from usbd.core.driver import Driver
 from usbd.core.settings import CommonSettings
 
-from ._device import DirectFileDisk, FileDisk, SizeMismatch, StoreError, describe_sizes
+from ._device import (
+    DEFAULT_SIZE,
+    DirectFileDisk,
+    FileDisk,
+    SizeMismatch,
+    StoreError,
+    describe_sizes,
+)
 
 #: The flag behind each parameter a StoreError can name.
 _FLAGS = {"size": "store-size", "direct": "file-direct", "path": "store-name"}
@@ -45,14 +52,13 @@ def _create(settings: CommonSettings, options: FileOptions) -> FileDisk:
     # Only a size the user gave (flag, USBD_STORE_SIZE or the config file) is checked
     # against an existing file; 0 means "not given".
     given = "store_size" in settings.model_fields_set and settings.store_size > 0
-    default = CommonSettings.model_fields["store_size"].default
     kind = DirectFileDisk if options.direct else FileDisk
     try:
         return kind(
             path,
             settings.store_size if given else None,
             grow=options.grow,
-            default_size=default,
+            default_size=settings.store_size or DEFAULT_SIZE,
         )
     except SizeMismatch as exc:
         raise OptionError("store-size", _mismatch(exc)) from None

@@ -108,9 +108,12 @@ def _warn_unused(settings: CommonSettings, chosen: AnyDriver, command: Command) 
 
 
 def _startup_line(
-    settings: CommonSettings, driver: AnyDriver, options: BaseModel, size: int
+    settings: CommonSettings,
+    kernel: KernelOptions | None,
+    driver: AnyDriver,
+    options: BaseModel,
+    size: int,
 ) -> str:
-    kernel = kernel_options(settings)
     targets = []
     if kernel is not None:
         device = kernel.device
@@ -163,7 +166,7 @@ def run(command: Command, argv: Sequence[str] | None = None) -> int:
         return 1
     print(f"{prog} started.", flush=True)
     print(
-        f"{prog} using config: {_startup_line(settings, driver, options, device.size)}",
+        f"{prog} using config: {_startup_line(settings, kernel, driver, options, device.size)}",
         flush=True,
     )
     failure: BaseException | None = None

@@ -54,11 +54,6 @@ class Option:
     def env(self) -> str:
         return ENV_PREFIX + "_".join(self.loc).upper()
 
-    @property
-    def key(self) -> str:
-        """The key in the TOML file (a driver's options may also sit in a table)."""
-        return self.flag
-
 
 def _metadata(annotation: Any) -> list[Flag]:
     """Flag metadata inside an annotation, looking through ``X | None`` and nested lists."""
