@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import threading
+import time
 
 import pytest
 import trio
@@ -15,6 +16,7 @@ from core_helpers import (
     CACHE,
     DISC,
     EINVAL,
+    ENOSPC,
     ENOTSUP,
     EPERM,
     F_FAST_ZERO,
@@ -36,6 +38,7 @@ from core_helpers import (
     FailingDevice,
     GatedDevice,
     MemDevice,
+    RawClient,
     ThreadedFailingDevice,
     ThreadedMemDevice,
     request,
@@ -43,7 +46,7 @@ from core_helpers import (
     wait_until,
 )
 
-from usbd.core import Device, DeviceError, Export, session_for
+from usbd.core import Connection, Device, DeviceError, Export, SocketTransport, session_for
 
 ESHUTDOWN = 108
 
@@ -598,36 +601,26 @@ async def test_a_blocking_device_is_tried_on_the_event_loop_first() -> None:
 
 
 class DeclinedWrites(ThreadedMemDevice):
-    """try_write never manages anything: every WRITE goes to the deferred batch."""
+    """try_write never manages anything: every WRITE goes to the connection's writer thread."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.order: list[str] = []
+        self.order: list[tuple[str, str]] = []
 
     def try_write(self, offset: int, data: memoryview) -> int:
         return 0
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
         super().write(offset, data, fua)
-        self.order.append(f"write {offset}")
+        self.order.append((f"write {offset}", threading.current_thread().name))
 
     def flush(self) -> None:
         super().flush()
-        self.order.append("flush")
+        self.order.append(("flush", threading.current_thread().name))
 
 
-async def test_declined_writes_are_done_in_one_thread_call_per_batch_before_a_flush(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_declined_writes_go_to_one_writer_thread_in_order_before_a_flush() -> None:
     device = DeclinedWrites()
-    batches: list[int] = []
-    original = Export.write_batch
-
-    async def counting(self: Export, writes: list[tuple[int, memoryview]]) -> list[object]:
-        batches.append(len(writes))
-        return await original(self, writes)  # type: ignore[return-value]
-
-    monkeypatch.setattr(Export, "write_batch", counting)
     pipelined = b"".join(request(WRITE, 100 + i, i * 512, 4) + b"%04d" % i for i in range(16))
     with trio.fail_after(15):
         async with seam(device) as (client, _):
@@ -635,8 +628,77 @@ async def test_declined_writes_are_done_in_one_thread_call_per_batch_before_a_fl
             replies = {await client.simple_reply() for _ in range(17)}
             assert replies == {(0, cookie) for cookie in [*range(100, 116), 200]}
             assert await client.read(15 * 512, 4) == b"0015"
-    assert sum(batches) == 16
-    assert len(batches) < 16  # batched, not one thread call per write
-    # The FLUSH came after every write (the connection flushes once more as it ends).
-    assert device.order.index("flush") == 16
-    assert sorted(device.order[:16]) == sorted(f"write {i * 512}" for i in range(16))
+    # One thread wrote them all, in the order sent; the FLUSH came after every write (the
+    # connection flushes once more as it ends).
+    writes = device.order[:16]
+    assert [what for what, _ in writes] == [f"write {i * 512}" for i in range(16)]
+    assert len({thread for _, thread in writes}) == 1
+    assert writes[0][1].endswith("writer")
+    assert device.order[16][0] == "flush"
+
+
+class SlowDeclinedWrites(DeclinedWrites):
+    """Writes that take a while, as a disk's can: the writer thread falls behind the loop."""
+
+    def __init__(self, size: int, fail_at: int = -1) -> None:
+        super().__init__()
+        self.size = size
+        self.data = bytearray(size)
+        self.fail_at = fail_at
+
+    def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        time.sleep(0.001)
+        if offset == self.fail_at:
+            raise OSError(errno.ENOSPC, "full")
+        super().write(offset, data, fua)
+
+
+async def test_payloads_stay_intact_while_the_writer_is_behind_and_buffers_stay_bounded() -> None:
+    """Far more pipelined write data than the receive buffers hold, each payload different,
+    while the writer thread lags: every byte lands where it was sent (the loop swapped in
+    spare buffers instead of overwriting payloads the writer still had to write), the
+    connection never held more than its quota of buffers, and the failing write alone got
+    its error."""
+    size = 24 << 20
+    chunk = 200_000  # not a divisor of the buffer: requests straddle buffer ends
+    count = size // chunk
+    device = SlowDeclinedWrites(size, fail_at=7 * chunk)
+    payloads = [bytes([i % 251]) * (chunk - 1) + bytes([i % 7]) for i in range(count)]
+    server_sock, client_sock = trio.socket.socketpair()
+    export = Export(device)
+    connection = Connection(SocketTransport(server_sock), export, session_for(export))
+    client = RawClient(trio.SocketStream(client_sock))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.serve)
+
+            async def send_all() -> None:
+                for i, payload in enumerate(payloads):
+                    await client.send(request(WRITE, i, i * chunk, chunk) + payload)
+
+            nursery.start_soon(send_all)
+            replies: dict[int, int] = {}
+            for _ in range(count):
+                error, cookie = await client.simple_reply()
+                replies[cookie] = error
+            assert replies == {i: ENOSPC if i == 7 else 0 for i in range(count)}
+            await client.send(request(DISC))
+    await client.aclose()
+    assert connection._buffers <= 4
+    for i, payload in enumerate(payloads):
+        if i != 7:
+            assert device.data[i * chunk : (i + 1) * chunk] == payload, i
+    assert device.order[-1][0] == "flush"  # the flush at disconnect came after the writes
+
+
+async def test_writes_queued_when_the_client_vanishes_are_written_then_flushed() -> None:
+    device = SlowDeclinedWrites(1 << 20)
+    data = b"".join(request(WRITE, i, i * 4096, 4096) + bytes([i]) * 4096 for i in range(50))
+    with trio.fail_after(30):
+        async with seam(device) as (client, _):
+            await client.send(data)
+    # seam waits for the connection to end: the writer had finished and the flush followed.
+    assert [what for what, _ in device.order] == [f"write {i * 4096}" for i in range(50)] + [
+        "flush"
+    ]
+    assert all(device.data[i * 4096 : (i + 1) * 4096] == bytes([i]) * 4096 for i in range(50))

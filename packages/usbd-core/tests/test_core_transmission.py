@@ -188,6 +188,56 @@ def test_partial_request_is_moved_to_the_front_when_space_runs_out() -> None:
     ]
 
 
+@pytest.mark.parametrize("step", [1, 13, 97, None])
+def test_payload_views_survive_when_the_buffer_is_swapped_before_it_would_move(
+    step: int | None,
+) -> None:
+    """What the engine does while its writer thread holds payloads: keep every view, swap in
+    fresh storage whenever the next receive would overwrite or move received bytes. The
+    views still read what was sent, and the stream parses as if nothing happened."""
+    buffer = RequestBuffer(1024, capacity=200)
+    payloads = [bytes([i]) * (20 + 7 * i) for i in range(12)]
+    data = b"".join(write(i, i, p) for i, p in enumerate(payloads)) + request(FLUSH, 99)
+    views: list[memoryview] = []
+    popped: list[int] = []
+    pos = swaps = 0
+    while pos < len(data):
+        if buffer.would_move():
+            old = buffer.storage
+            assert buffer.swap(bytearray(200)) is old
+            swaps += 1
+        space = buffer.space()
+        n = min(len(space), len(data) - pos, step or len(data))
+        space[:n] = data[pos : pos + n]
+        buffer.commit(n)
+        pos += n
+        while (req := buffer.pop()) is not None:
+            popped.append(req[2])
+            if req[5] is not None:
+                views.append(req[5])
+    assert popped == [*range(12), 99]
+    assert [bytes(v) for v in views] == payloads
+    assert swaps > 1
+    assert buffer.idle
+
+
+def test_would_move_only_when_received_bytes_would_be_overwritten() -> None:
+    buffer = RequestBuffer(1024, capacity=100)
+    assert not buffer.would_move()  # nothing received yet
+    feed(buffer, write(1, 0, b"abcd"))
+    assert buffer.would_move()  # all consumed: the next receive would start at 0 again
+    buffer.swap(bytearray(100))
+    part = write(2, 0, bytes(60))[:40]
+    space = buffer.space()
+    space[: len(part)] = part
+    buffer.commit(len(part))
+    assert buffer.pop() is None
+    assert not buffer.would_move()  # the rest fits behind what is there
+    assert buffer.swap(bytearray(10)) is not None  # too small for what is pending: grows
+    assert len(buffer.storage) == 100 and buffer.pending == 40
+    feed(buffer, write(2, 0, bytes(60))[40:])
+
+
 _REQUESTS = st.one_of(
     st.builds(
         lambda cmd, cookie, off, length: (request(cmd, cookie, off, length), None),

@@ -16,9 +16,10 @@ for all of them:
   This is the fast path for devices that answer at once (a RAM disk): the engine answers a
   whole batch of requests without a task or thread per request. Such methods must never
   block.
-* A blocking device may also offer :meth:`Device.try_read` and :meth:`Device.try_write`:
-  non-blocking attempts the engine makes on the event loop first (a file whose pages are
-  cached: ``preadv`` with ``RWF_NOWAIT``), going to a worker thread only when they fail.
+* A blocking, parallel device may also offer :meth:`Device.try_read` and
+  :meth:`Device.try_write`: non-blocking attempts the engine makes on the event loop first (a
+  file whose pages are cached: ``preadv`` with ``RWF_NOWAIT``), going to a thread only when
+  they fail.
 
 Contract, as the shared suite in :mod:`usbd.core.testing` checks it:
 
@@ -140,17 +141,18 @@ class Device:
         raise NotImplementedError
 
     def try_read(self, offset: int, length: int) -> BytesLike | None:
-        """For a blocking device: the read, if it can be done at once without blocking (the
-        data is in the page cache), else None, and the engine calls :meth:`read` in a worker
-        thread. Called on the event loop: it must never block. Optional."""
+        """For a blocking, parallel device: the read, if it can be done at once without
+        blocking (the data is in the page cache), else None, and the engine calls :meth:`read`
+        in a worker thread. Called on the event loop: it must never block. Optional."""
         raise NotImplementedError
 
     def try_write(self, offset: int, data: memoryview) -> int:
-        """For a blocking device: write what can be written at once without blocking and
-        return how many bytes that was (0 for none). The engine writes the rest with
-        :meth:`write`, the rests of a batch of requests together in one worker-thread call:
-        offering this method says that writes are usually quick (a file's page cache).
-        Called on the event loop: it must never block. Optional."""
+        """For a blocking, parallel device: write what can be written at once without
+        blocking and return how many bytes that was (0 for none). The engine writes the rest
+        with :meth:`write` in the connection's writer thread, which writes such rests in the
+        order received while the connection goes on receiving: offering this method says that
+        writes are usually quick (a file's page cache). Called on the event loop: it must
+        never block. Optional."""
         raise NotImplementedError
 
     def close(self) -> None:

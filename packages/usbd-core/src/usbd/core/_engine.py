@@ -44,6 +44,7 @@ from ._transmission import (
     structured_hole_reply,
 )
 from ._transport import SocketTransport, TransportClosed
+from ._writer import Finished, Writer
 
 __all__ = ["Connection"]
 
@@ -71,6 +72,9 @@ _FAST_ZERO = int(CommandFlag.FAST_ZERO)
 _ZERO_EXTENT = int(ExtentFlag.ZERO)
 _WRITES = (_WRITE, _TRIM, _WRITE_ZEROES)
 _COUNTED = 16
+#: Receive buffers a connection may have at once while its writer thread still writes from
+#: the payloads in them (the one being received into included).
+_MAX_BUFFERS = 4
 
 
 def _try_write(device: Device) -> Callable[[int, memoryview, bool], int]:
@@ -113,13 +117,29 @@ class Connection:
         self._writes: set[int] = set()  # sequence numbers of writes not yet finished
         self._write_done = trio.Event()
         self._dirty = False
+        # The writer thread and what it holds: receive buffers it still writes from, each with
+        # the sequence number of the last batch pointing into it; spare buffers to receive into.
+        self._writer: Writer | None = None
+        self._queued = 0  # batches queued to the writer and not yet finished
+        self._written_upto = -1  # sequence number of the last batch it finished
+        self._retired: list[tuple[int, bytearray]] = []
+        self._spares: list[bytearray] = []
+        self._buffers = 1
+        self._buffer_free = trio.Event()
+        self._wake = trio.Event()
 
     async def serve(self) -> None:
         """Run until the client disconnects or sends DISC; flush what it wrote; never raise
         for anything the peer did."""
         try:
             async with trio.open_nursery() as nursery:
-                await self._receive(nursery)
+                sender = trio.CancelScope()
+                nursery.start_soon(self._sender, sender)
+                try:
+                    await self._receive(nursery)
+                    await self._barrier(self._seq)  # the writer's replies go out too
+                finally:
+                    sender.cancel()
             await self._send_pending()
         except* ProtocolError as group:
             log.warning("%s: closing: %s", self.name, group.exceptions[0])
@@ -129,6 +149,9 @@ class Connection:
             # Shut down, not only close: the kernel's NBD_DO_IT returns only on the shutdown.
             self.transport.shutdown()
             self.transport.close()
+            if self._writer is not None:  # it writes what was queued before the flush below
+                with trio.CancelScope(shield=True):
+                    await self._writer.aclose()
             if self._dirty and not self.export.closed:
                 with trio.CancelScope(shield=True):
                     try:
@@ -180,10 +203,11 @@ class Connection:
         magic = SIMPLE_REPLY_MAGIC
         extra = 0
         counts = export.counts
-        # Plain WRITEs a try_write could not finish, done together in one worker-thread call
-        # (one hop per batch, not per request) before anything else is dispatched and before
-        # the buffer their payloads point into is reused.
+        # Plain WRITEs a try_write could not finish, queued together to the writer thread
+        # before anything else is dispatched (a FLUSH waits for them). Their payloads stay in
+        # the receive buffer, which is swapped for a spare before it would be overwritten.
         deferred: list[tuple[int, int, memoryview]] = []
+        lent = -1  # sequence number of the last batch pointing into the buffer, or -1
         while True:
             while (request := buffer.pop()) is not None:
                 command, flags, cookie, offset, length, payload = request
@@ -217,6 +241,9 @@ class Connection:
                             continue
                     elif command == 1 and write_ok and payload is not None:
                         self._dirty = True
+                        if deferred or self._queued:  # after writes still to do: in order
+                            deferred.append((cookie, offset, payload))
+                            continue
                         try:
                             done = write(offset, payload, False)
                         except Exception as exc:
@@ -228,7 +255,7 @@ class Connection:
                             deferred.append((cookie, offset + done, payload[done:]))
                         continue
                 if deferred:
-                    await self._write_deferred(deferred)
+                    lent = self._queue_writes(deferred)
                 if command == _DISC:
                     log.debug("%s: client sent DISC", self.name)
                     return
@@ -274,7 +301,14 @@ class Connection:
                     self._task, seq, cost, command, flags, cookie, offset, length, payload
                 )
             if deferred:
-                await self._write_deferred(deferred)
+                lent = self._queue_writes(deferred)
+            if lent >= 0 and buffer.would_move():
+                if lent <= self._written_upto:  # the writer is already done with it
+                    lent = -1
+                else:
+                    self._retired.append((lent, buffer.storage))
+                    buffer.swap(await self._spare_buffer(len(buffer.storage)))
+                    lent = -1
             if held and not buffer.discarding:
                 out.extend(held)
                 held.clear()
@@ -296,20 +330,54 @@ class Connection:
                 return
             buffer.commit(received)
 
-    async def _write_deferred(self, deferred: list[tuple[int, int, memoryview]]) -> None:
-        """Write the deferred batch in one worker-thread call and queue each reply."""
-        batch = deferred[:]
+    def _queue_writes(self, deferred: list[tuple[int, int, memoryview]]) -> int:
+        """Hand the deferred batch to the writer thread; return its sequence number."""
+        if self._writer is None:
+            self._writer = Writer(self.export.device.write, self._written, f"{self.name} writer")
+        seq = self._seq
+        self._seq += 1
+        self._writes.add(seq)
+        self._queued += 1
+        self._writer.submit(seq, deferred[:])
         deferred.clear()
-        results: list[Exception | None]
-        try:
-            results = await self.export.write_batch([(o, data) for _, o, data in batch])
-        except Exception as exc:  # the device was closed: each write gets the error
-            results = [exc] * len(batch)
+        return seq
+
+    def _written(self, finished: list[Finished]) -> None:
+        """On the event loop: the writer finished these batches; queue their replies."""
         out = self._out
-        for (cookie, _, _), error in zip(batch, results, strict=True):
-            out.append(
-                simple_reply(cookie) if error is None else self._error(cookie, _WRITE, error)
-            )
+        for seq, writes, results in finished:
+            for (cookie, _, _), error in zip(writes, results, strict=True):
+                out.append(
+                    simple_reply(cookie) if error is None else self._error(cookie, _WRITE, error)
+                )
+            self._writes.discard(seq)
+        self._queued -= len(finished)
+        last = self._written_upto = finished[-1][0]
+        while self._retired and self._retired[0][0] <= last:
+            self._spares.append(self._retired.pop(0)[1])
+        self._write_done.set()
+        self._buffer_free.set()
+        self._wake.set()
+
+    async def _spare_buffer(self, size: int) -> bytearray:
+        """A buffer to receive into that nothing points into, waiting for one if the writer
+        holds them all."""
+        while not self._spares:
+            if self._buffers < _MAX_BUFFERS:
+                self._buffers += 1
+                return bytearray(size)
+            self._buffer_free = trio.Event()
+            await self._send_pending()
+            await self._buffer_free.wait()
+        return self._spares.pop()
+
+    async def _sender(self, scope: trio.CancelScope) -> None:
+        """Send the replies the writer thread's batches leave, whatever the loop is doing."""
+        with scope:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                await self._send_pending()
 
     async def _task(
         self,

@@ -77,7 +77,9 @@ class Export:
         self.can_extents = _overrides(cls, "extents")
         self.can_cache = _overrides(cls, "cache")
         #: A blocking device that can try READ / WRITE on the event loop without blocking.
-        plain_blocking = not self.is_async and not self.inline
+        #: Only a parallel one: the attempts (and the writer thread that takes over the writes
+        #: a try_write leaves) run beside the worker threads.
+        plain_blocking = not self.is_async and not self.inline and cls.parallel
         self.can_try_read = plain_blocking and _overrides(cls, "try_read")
         self.can_try_write = plain_blocking and self.can_write and _overrides(cls, "try_write")
         #: Long structured reads are split into data and hole chunks (from extents).
@@ -158,26 +160,6 @@ class Export:
     async def write(self, offset: int, data: memoryview, fua: bool) -> None:
         await self._call(self.device.write, offset, data, fua and self.native_fua)
         await self._after(fua)
-
-    async def write_batch(self, writes: list[tuple[int, memoryview]]) -> list[Exception | None]:
-        """Plain writes (no FUA) one after another in a single worker-thread call; each
-        one's exception or None. For devices whose writes are quick but may block."""
-        if self._closed:
-            raise DeviceError(errno.ESHUTDOWN, "device is closed")
-        write = self.device.write
-
-        def run() -> list[Exception | None]:
-            results: list[Exception | None] = []
-            for offset, data in writes:
-                try:
-                    write(offset, data, False)
-                except Exception as exc:
-                    results.append(exc)
-                else:
-                    results.append(None)
-            return results
-
-        return await trio.to_thread.run_sync(run, limiter=self._limiter)
 
     async def flush(self) -> None:
         if self.can_flush:

@@ -184,8 +184,36 @@ class RequestBuffer:
         """True between requests: nothing partial is buffered or being discarded."""
         return self._start == self._end and not self._discard
 
+    @property
+    def storage(self) -> bytearray:
+        """The memory the buffer receives into (and payload views point into)."""
+        return self._buf
+
+    def would_move(self) -> bool:
+        """True if the next :meth:`space` would overwrite or move bytes already received,
+        invalidating payload views handed out earlier."""
+        if self._start == self._end:
+            return self._start != 0
+        return len(self._buf) - self._start < self._wanted()
+
+    def swap(self, fresh: bytearray) -> bytearray:
+        """Go on in ``fresh`` (what is pending moves over) and return the old storage, which
+        the buffer never touches again: payload views into it stay valid for as long as
+        their holder needs them (a thread still writing them)."""
+        old = self._buf
+        pending = self.pending
+        if len(fresh) < pending:
+            fresh = bytearray(len(old))
+        fresh[:pending] = self._view[self._start : self._end]
+        self._buf = fresh
+        self._view = memoryview(fresh)
+        self._start = 0
+        self._end = pending
+        return old
+
     def space(self) -> memoryview:
-        """Where to receive into next; invalidates earlier payload views."""
+        """Where to receive into next; invalidates earlier payload views if
+        :meth:`would_move` says so."""
         if self._start == self._end:
             self._start = self._end = 0
         needed = self._wanted()
