@@ -221,6 +221,28 @@ def test_payload_views_survive_when_the_buffer_is_swapped_before_it_would_move(
     assert buffer.idle
 
 
+def test_receives_stop_at_a_request_end_when_another_would_not_fit_behind_it() -> None:
+    """Requests of one size that do not divide the buffer, arriving in pieces (as a big
+    WRITE does): the receive stops where the buffer runs out of room for another request, so
+    the buffer starts over at its beginning and received bytes are never moved."""
+    buffer = RequestBuffer(1024, capacity=300)
+    data = b"".join(write(i, 0, bytes([i]) * 40) for i in range(20))  # 68 bytes each
+    moves = pos = 0
+    popped = []
+    while pos < len(data):
+        moves += buffer.would_move() and buffer.pending > 0
+        space = buffer.space()
+        n = min(len(space), len(data) - pos, 50)
+        space[:n] = data[pos : pos + n]
+        buffer.commit(n)
+        pos += n
+        while (req := buffer.pop()) is not None:
+            assert req[5] is not None
+            popped.append(bytes(req[5]))
+    assert popped == [bytes([i]) * 40 for i in range(20)]
+    assert moves == 0
+
+
 def test_would_move_only_when_received_bytes_would_be_overwritten() -> None:
     buffer = RequestBuffer(1024, capacity=100)
     assert not buffer.would_move()  # nothing received yet

@@ -152,6 +152,10 @@ class Connection:
             if self._writer is not None:  # it writes what was queued before the flush below
                 with trio.CancelScope(shield=True):
                     await self._writer.aclose()
+                # Let the buffers go now, not when a garbage collection finds the cycle.
+                self._writer = None
+                self._spares.clear()
+                self._retired.clear()
             if self._dirty and not self.export.closed:
                 with trio.CancelScope(shield=True):
                     try:
@@ -303,12 +307,7 @@ class Connection:
             if deferred:
                 lent = self._queue_writes(deferred)
             if lent >= 0 and buffer.would_move():
-                if lent <= self._written_upto:  # the writer is already done with it
-                    lent = -1
-                else:
-                    self._retired.append((lent, buffer.storage))
-                    buffer.swap(await self._spare_buffer(len(buffer.storage)))
-                    lent = -1
+                lent = await self._unlend(buffer, lent)
             if held and not buffer.discarding:
                 out.extend(held)
                 held.clear()
@@ -322,13 +321,20 @@ class Connection:
                     continue
             extra = 0
             await self._send_pending()
-            space = buffer.space()
-            received = await self.transport.recv_into(space)
+            received = await self.transport.recv_into(buffer.space())
             if not received:
                 if not buffer.idle:
                     log.info("%s: client disconnected in the middle of a request", self.name)
                 return
             buffer.commit(received)
+
+    async def _unlend(self, buffer: RequestBuffer, lent: int) -> int:
+        """Before ``buffer`` would move bytes the writer may still be writing from (batch
+        ``lent`` was the last to point into it), swap in a spare. Returns -1 (not lent)."""
+        if lent > self._written_upto:  # else the writer is done with it: reuse it in place
+            self._retired.append((lent, buffer.storage))
+            buffer.swap(await self._spare_buffer(len(buffer.storage)))
+        return -1
 
     def _queue_writes(self, deferred: list[tuple[int, int, memoryview]]) -> int:
         """Hand the deferred batch to the writer thread; return its sequence number."""

@@ -232,7 +232,14 @@ class RequestBuffer:
             return self._view[
                 self._end : self._end + min(self._discard, len(self._buf) - self._end)
             ]
-        return self._view[self._end :]
+        stop = len(self._buf)
+        front_end = self._start + needed
+        if front_end > self._end and stop - front_end < needed:
+            # No room behind the partial request at the front for another as long: receive
+            # up to its end only. The next request then starts the buffer over at its
+            # beginning instead of straddling the end and having its bytes moved.
+            stop = front_end
+        return self._view[self._end : stop]
 
     def commit(self, n: int) -> None:
         """Record that ``n`` bytes were received into :meth:`space`."""
