@@ -691,6 +691,23 @@ async def test_payloads_stay_intact_while_the_writer_is_behind_and_buffers_stay_
     assert device.order[-1][0] == "flush"  # the flush at disconnect came after the writes
 
 
+async def test_a_flush_waiting_for_the_writer_is_answered_while_the_loop_waits_for_room() -> None:
+    """Writes queued to the writer, then a FLUSH (which waits for them), then FUA writes that
+    fill the connection's budget of bytes in flight: the loop stops to wait for room while
+    the FLUSH waits for the writer's batches. Everything is answered."""
+    device = SlowDeclinedWrites(1 << 20)
+    data = b"".join(request(WRITE, i, i * 4096, 4096) + bytes([i]) * 4096 for i in range(8))
+    data += request(FLUSH, 100)
+    data += b"".join(
+        request(WRITE, 200 + i, i * 4096, 4096, F_FUA) + bytes([i]) * 4096 for i in range(8)
+    )
+    with trio.fail_after(30):
+        async with seam(device, max_in_flight=4096) as (client, _):
+            await client.send(data)
+            replies = {await client.simple_reply() for _ in range(17)}
+    assert replies == {(0, cookie) for cookie in [*range(8), 100, *range(200, 208)]}
+
+
 async def test_writes_queued_when_the_client_vanishes_are_written_then_flushed() -> None:
     device = SlowDeclinedWrites(1 << 20)
     data = b"".join(request(WRITE, i, i * 4096, 4096) + bytes([i]) * 4096 for i in range(50))

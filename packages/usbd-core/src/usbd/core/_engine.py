@@ -137,6 +137,7 @@ class Connection:
                 nursery.start_soon(self._sender, sender)
                 try:
                     await self._receive(nursery)
+                    self._set_busy(False)
                     await self._barrier(self._seq)  # the writer's replies go out too
                 finally:
                     sender.cancel()
@@ -292,6 +293,8 @@ class Connection:
                     # A fresh event before sending: work that finishes during the send
                     # must find it, or the wait below would miss that wake-up for good.
                     self._room = trio.Event()
+                    self._set_busy(False)  # a FLUSH task may be waiting for the writer's batches
+                    self._collect()
                     await self._send_pending()
                     await self._room.wait()
                 self._in_flight += cost
@@ -306,6 +309,7 @@ class Connection:
                 )
             if deferred:
                 lent = self._queue_writes(deferred)
+            self._collect()
             if lent >= 0 and buffer.would_move():
                 lent = await self._unlend(buffer, lent)
             if held and not buffer.discarding:
@@ -321,7 +325,8 @@ class Connection:
                     continue
             extra = 0
             await self._send_pending()
-            received = await self.transport.recv_into(buffer.space())
+            received = await self.transport.recv_into(buffer.space(), self._before_wait)
+            self._set_busy(True)
             if not received:
                 if not buffer.idle:
                     log.info("%s: client disconnected in the middle of a request", self.name)
@@ -336,10 +341,35 @@ class Connection:
             buffer.swap(await self._spare_buffer(len(buffer.storage)))
         return -1
 
+    def _set_busy(self, busy: bool) -> None:
+        """Tell the writer whether the loop will look at its finished batches before it next
+        waits (True) or must be woken for them (False)."""
+        if self._writer is not None:
+            self._writer.loop_busy = busy
+
+    def _collect(self) -> bool:
+        """Take in the batches the writer has finished; True if there were any."""
+        writer = self._writer
+        if writer is None or not writer.finished:
+            return False
+        finished = writer.finished
+        self._written([finished.popleft() for _ in range(len(finished))])
+        return True
+
+    def _before_wait(self) -> None:
+        """The loop is about to wait for the client: from now on the writer wakes it."""
+        self._set_busy(False)
+        self._poked()
+
+    def _poked(self) -> None:
+        """On the event loop, from the writer thread: batches finished while the loop waited."""
+        if self._collect():
+            self._wake.set()  # the sender sends their replies
+
     def _queue_writes(self, deferred: list[tuple[int, int, memoryview]]) -> int:
         """Hand the deferred batch to the writer thread; return its sequence number."""
         if self._writer is None:
-            self._writer = Writer(self.export.device.write, self._written, f"{self.name} writer")
+            self._writer = Writer(self.export.device.write, self._poked, f"{self.name} writer")
         seq = self._seq
         self._seq += 1
         self._writes.add(seq)
@@ -363,7 +393,6 @@ class Connection:
             self._spares.append(self._retired.pop(0)[1])
         self._write_done.set()
         self._buffer_free.set()
-        self._wake.set()
 
     async def _spare_buffer(self, size: int) -> bytearray:
         """A buffer to receive into that nothing points into, waiting for one if the writer
@@ -373,6 +402,9 @@ class Connection:
                 self._buffers += 1
                 return bytearray(size)
             self._buffer_free = trio.Event()
+            self._set_busy(False)  # the loop waits for the writer: it must be woken
+            if self._collect():
+                continue
             await self._send_pending()
             await self._buffer_free.wait()
         return self._spares.pop()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -60,13 +60,20 @@ class SocketTransport:
             self._calls = 0
             await trio.lowlevel.checkpoint()
 
-    async def recv_into(self, buffer: memoryview) -> int:
+    async def recv_into(
+        self, buffer: memoryview, before_wait: Callable[[], object] | None = None
+    ) -> int:
+        """Receive what is there, waiting if nothing is; ``before_wait`` is called (once)
+        when it has to wait."""
         sock = self.socket
         try:
             while True:
                 try:
                     received = sock.recv_into(buffer)
                 except BlockingIOError:
+                    if before_wait is not None:
+                        before_wait()
+                        before_wait = None
                     await trio.lowlevel.wait_readable(sock)
                     continue
                 await self._tick()

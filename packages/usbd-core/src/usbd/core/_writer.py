@@ -7,10 +7,17 @@ thread writes, and the thread idle while the loop receives. This thread runs for
 the connection instead: the loop queues a batch and goes back to receiving, and each round
 the thread takes everything queued since the last one, so rounds grow when writes are slow
 and one hand-off back to the loop covers them all.
+
+Handing a round back through the trio token costs the loop a wake-up, a task switch and a
+drain of trio's wake-up socket, as much as a request. While the loop is busy receiving it
+looks at :attr:`Writer.finished` itself before it next waits, and says so in
+:attr:`Writer.loop_busy`; the thread then only queues the round. Both sides write their own
+flag or queue first and read the other's second, so one of them always sees the round.
 """
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 from collections.abc import Callable
@@ -28,18 +35,23 @@ Finished = tuple[int, list[tuple[int, int, memoryview]], list[Exception | None]]
 class Writer:
     """Write batches in a thread of its own, in the order queued.
 
-    ``done`` is called on the event loop's thread (through the trio token) with every batch a
-    round finished, in order; it must not raise.
+    Finished batches go to :attr:`finished`, in order; unless :attr:`loop_busy` is set,
+    ``poke`` is then called on the event loop's thread (through the trio token) to take them.
+    It must not raise.
     """
 
     def __init__(
         self,
         write: Callable[[int, memoryview, bool], object],
-        done: Callable[[list[Finished]], None],
+        poke: Callable[[], None],
         name: str,
     ) -> None:
         self._write = write
-        self._done = done
+        self._poke = poke
+        #: Batches written, oldest first; the loop takes them (``popleft``).
+        self.finished: collections.deque[Finished] = collections.deque()
+        #: Set by the loop while it will look at :attr:`finished` before it next waits.
+        self.loop_busy = False
         self._token = trio.lowlevel.current_trio_token()
         self._queue: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         # A daemon thread: a device that hangs in a write must not keep the process alive.
@@ -78,6 +90,8 @@ class Writer:
                         results.append(None)
                 finished.append((seq, writes, results))
             if finished:
-                self._token.run_sync_soon(self._done, finished)
+                self.finished.extend(finished)
+                if not self.loop_busy:
+                    self._token.run_sync_soon(self._poke)
             if len(finished) < len(batches):  # the end was queued
                 return
