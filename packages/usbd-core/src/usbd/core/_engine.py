@@ -310,7 +310,13 @@ class Connection:
             if deferred:
                 lent = self._queue_writes(deferred)
             self._collect()
-            if lent >= 0 and buffer.would_move():
+            if lent >= 0 and (
+                lent <= self._written_upto
+                or buffer.would_move(keep=True)
+                # Between requests with half the buffer used: a fresh one costs no copy now,
+                # where a long request straddling the end later would have to be moved.
+                or (buffer.idle and buffer.room < len(buffer.storage) // 2)
+            ):
                 lent = await self._unlend(buffer, lent)
             if held and not buffer.discarding:
                 out.extend(held)
@@ -318,14 +324,16 @@ class Connection:
             if out and extra < _MAX_EXTRA_READS:
                 # More requests may have arrived while these were answered: take them into
                 # this batch, so that one send (and one wake-up of the client) covers more.
-                more = self.transport.try_recv_into(buffer.space())
+                more = self.transport.try_recv_into(buffer.space(keep=lent >= 0))
                 if more:
                     buffer.commit(more)
                     extra += 1
                     continue
             extra = 0
             await self._send_pending()
-            received = await self.transport.recv_into(buffer.space(), self._before_wait)
+            received = await self.transport.recv_into(
+                buffer.space(keep=lent >= 0), self._before_wait
+            )
             self._set_busy(True)
             if not received:
                 if not buffer.idle:
@@ -334,8 +342,9 @@ class Connection:
             buffer.commit(received)
 
     async def _unlend(self, buffer: RequestBuffer, lent: int) -> int:
-        """Before ``buffer`` would move bytes the writer may still be writing from (batch
-        ``lent`` was the last to point into it), swap in a spare. Returns -1 (not lent)."""
+        """Once the writer is done with ``buffer`` (batch ``lent`` was the last to point into
+        it), or before the buffer would move bytes it may still be writing from, in which
+        case a spare takes its place: returns -1, "not lent"."""
         if lent > self._written_upto:  # else the writer is done with it: reuse it in place
             self._retired.append((lent, buffer.storage))
             buffer.swap(await self._spare_buffer(len(buffer.storage)))

@@ -185,14 +185,19 @@ class RequestBuffer:
         return self._start == self._end and not self._discard
 
     @property
+    def room(self) -> int:
+        """Bytes that can still be received behind what is buffered, without moving it."""
+        return len(self._buf) - self._end
+
+    @property
     def storage(self) -> bytearray:
         """The memory the buffer receives into (and payload views point into)."""
         return self._buf
 
-    def would_move(self) -> bool:
-        """True if the next :meth:`space` would overwrite or move bytes already received,
-        invalidating payload views handed out earlier."""
-        if self._start == self._end:
+    def would_move(self, keep: bool = False) -> bool:
+        """True if the next :meth:`space` (with the same ``keep``) would overwrite or move
+        bytes already received, invalidating payload views handed out earlier."""
+        if self._start == self._end and not keep:
             return self._start != 0
         return len(self._buf) - self._start < self._wanted()
 
@@ -211,10 +216,12 @@ class RequestBuffer:
         self._end = pending
         return old
 
-    def space(self) -> memoryview:
+    def space(self, keep: bool = False) -> memoryview:
         """Where to receive into next; invalidates earlier payload views if
-        :meth:`would_move` says so."""
-        if self._start == self._end:
+        :meth:`would_move` says so. Once everything received has been taken, the buffer
+        starts over at its beginning, unless ``keep`` asks to go on after the payloads that
+        are still in use."""
+        if self._start == self._end and not keep:
             self._start = self._end = 0
         needed = self._wanted()
         if len(self._buf) - self._start < needed:
