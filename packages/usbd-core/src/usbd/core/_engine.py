@@ -134,7 +134,8 @@ class Connection:
         try:
             async with trio.open_nursery() as nursery:
                 sender = trio.CancelScope()
-                nursery.start_soon(self._sender, sender)
+                if self.export.can_try_write:  # only a writer thread leaves replies to send
+                    nursery.start_soon(self._sender, sender)
                 try:
                     await self._receive(nursery)
                     self._set_busy(False)
@@ -213,6 +214,7 @@ class Connection:
         # the receive buffer, which is swapped for a spare before it would be overwritten.
         deferred: list[tuple[int, int, memoryview]] = []
         lent = -1  # sequence number of the last batch pointing into the buffer, or -1
+        before_wait = self._before_wait if export.can_try_write else None
         while True:
             while (request := buffer.pop()) is not None:
                 command, flags, cookie, offset, length, payload = request
@@ -331,9 +333,7 @@ class Connection:
                     continue
             extra = 0
             await self._send_pending()
-            received = await self.transport.recv_into(
-                buffer.space(keep=lent >= 0), self._before_wait
-            )
+            received = await self.transport.recv_into(buffer.space(keep=lent >= 0), before_wait)
             self._set_busy(True)
             if not received:
                 if not buffer.idle:
