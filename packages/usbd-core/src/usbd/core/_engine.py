@@ -256,7 +256,7 @@ class Connection:
                         except Exception as exc:
                             out.append(self._error(cookie, command, exc))
                             continue
-                        if done is None or done == length:
+                        if done is None or done == length or inline:  # inline: written
                             out.append(pack(magic, 0, cookie))
                         else:
                             deferred.append((cookie, offset + done, payload[done:]))
