@@ -252,6 +252,22 @@ def test_receives_stop_at_a_request_end_when_another_would_not_fit_behind_it() -
     assert moves == 0
 
 
+def test_swapping_in_the_same_storage_moves_what_is_pending_intact() -> None:
+    """The engine may get the buffer's own storage back as the spare (the writer finished
+    with it while the loop waited): the pending bytes overlap where they must go."""
+    buffer = RequestBuffer(1024, capacity=100)
+    first, second = write(1, 0, bytes(range(2))), write(2, 0, bytes(range(100, 160)))
+    feed(buffer, first)  # 30 bytes taken
+    part = second[:60]
+    space = buffer.space(keep=True)
+    space[: len(part)] = part
+    buffer.commit(len(part))
+    assert buffer.pop() is None and buffer.pending == 60  # bytes 30..90: overlaps 0..60
+    buffer.swap(buffer.storage)
+    assert bytes(buffer.storage[:60]) == part
+    assert feed(buffer, second[60:]) == [(WRITE, 0, 2, 0, 60, bytes(range(100, 160)))]
+
+
 def test_would_move_only_when_received_bytes_would_be_overwritten() -> None:
     buffer = RequestBuffer(1024, capacity=100)
     assert not buffer.would_move()  # nothing received yet

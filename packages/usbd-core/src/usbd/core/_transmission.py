@@ -209,7 +209,9 @@ class RequestBuffer:
         pending = self.pending
         if len(fresh) < pending:
             fresh = bytearray(len(old))
-        fresh[:pending] = self._view[self._start : self._end]
+        # Through a memoryview, which copies overlapping bytes correctly: ``fresh`` may be
+        # the old storage itself, given back by a writer that finished in the meantime.
+        memoryview(fresh)[:pending] = self._view[self._start : self._end]
         self._buf = fresh
         self._view = memoryview(fresh)
         self._start = 0
