@@ -245,8 +245,8 @@ class RequestBuffer:
         front_end = self._start + needed
         if front_end > self._end and stop - front_end < needed:
             # No room behind the partial request at the front for another as long: receive
-            # up to its end only. The next request then starts the buffer over at its
-            # beginning instead of straddling the end and having its bytes moved.
+            # up to its end only. The next request then begins where the buffer can start
+            # over (or be swapped) with nothing to move, instead of straddling the end.
             stop = front_end
         return self._view[self._end : stop]
 

@@ -176,8 +176,9 @@ def run(command: Command, argv: Sequence[str] | None = None) -> int:
     failure: BaseException | None = None
     # The process is the daemon's. A connection's writer thread needs the GIL back after each
     # write; with the default 5 ms switch interval it can wait that long behind a busy event
-    # loop, and random 4 KiB writes were ~10% slower and far less steady for it (measured
-    # with `nox -s bench`). Threads here mostly release the GIL in system calls anyway.
+    # loop, and random 4 KiB writes to usbd-filedisk were ~10% slower and far less steady
+    # for it (fio side by side, 6 runs each). Threads here mostly release the GIL in system
+    # calls anyway.
     previous = sys.getswitchinterval()
     sys.setswitchinterval(_SWITCH_INTERVAL)
     try:
