@@ -59,7 +59,7 @@ from core_helpers import (
     wait_until,
 )
 
-from usbd.core import Export, Extent, ExtentFlag
+from usbd.core import Export, Extent, ExtentFlag, Server, open_tcp_listeners, open_unix_listener
 from usbd.core.cli import Listen, serve
 
 Connect = Callable[[], Awaitable[RawClient]]
@@ -96,6 +96,35 @@ async def test_server_reports_bound_listeners_and_serves(where: str | None) -> N
             size, _ = await client.go("disk", greet=False)
             assert size == device.size
             await still_serving(connect, device, "disk")
+
+
+async def test_serve_reports_every_listener_serves_each_and_closes_them_on_cancel(
+    sockdir: Path,
+) -> None:
+    """``nursery.start(server.serve, ...)`` hands back the listeners it serves (port 0 already
+    a real port); cancelling it ends the connections and closes every listener."""
+    device = MemDevice()
+    path = str(sockdir / "both.sock")
+    listeners = [await open_unix_listener(path), *await open_tcp_listeners("127.0.0.1", 0)]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(Server([Export(device)]).serve, listeners)
+            assert list(bound) == listeners
+            port = bound[1].socket.getsockname()[1]
+            assert port != 0
+            unix_client = await RawClient.unix(path)
+            await unix_client.go()
+            tcp_client = await RawClient.tcp(port)
+            await tcp_client.go()
+            assert await unix_client.write(0, b"unix") == 0
+            assert await tcp_client.read(0, 4) == b"unix"
+            nursery.cancel_scope.cancel()
+        for client in (unix_client, tcp_client):
+            assert await client.closed_by_server()
+            await client.aclose()
+    assert all(listener.socket.fileno() == -1 for listener in listeners)
+    with pytest.raises(OSError):
+        await RawClient.tcp(port)
 
 
 async def test_export_name_option_then_transmission(where: str | None) -> None:

@@ -1,8 +1,15 @@
 """Listening for NBD clients: accept, negotiate under a deadline, hand over to the engine.
 
-Follows trio's server pattern: :meth:`Server.serve` is started with ``nursery.start`` and
-reports the listeners it bound, so a caller (or a test) binding port 0 learns the address.
-A connection's troubles (bad handshake, reset, protocol errors) close that connection only.
+The accept loop is trio's own :func:`trio.serve_listeners` rather than a hand-written one:
+it already does everything this server needs (one accept task per listener, riding out
+EMFILE/ENFILE/ENOMEM/ENOBUFS with a logged 100 ms pause, closing the listeners on exit,
+closing a connection's stream when its handler ends, reporting the listeners through
+``task_status``), so there is no copy of it here to keep in step. :meth:`Server.serve` is
+started with ``nursery.start`` and reports the listeners it serves, so a caller (or a test)
+binding port 0 learns the address. Connections run in serve_listeners' own nursery, so
+cancelling :meth:`Server.serve` ends them too. A connection's troubles (bad handshake,
+reset, protocol errors) close that connection only: :meth:`Server.handle` never raises for
+what the client does.
 """
 
 from __future__ import annotations
@@ -27,9 +34,6 @@ from ._transport import SocketTransport, TransportClosed
 __all__ = ["Server", "open_tcp_listeners", "open_unix_listener", "session_for"]
 
 log = logging.getLogger("usbd.core.server")
-
-#: Temporary accept errors that trio's own serve_listeners also rides out.
-_ACCEPT_RETRY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
 def session_for(export: Export, negotiated: Negotiated | None = None) -> Session:
@@ -71,24 +75,13 @@ class Server:
         *,
         task_status: trio.TaskStatus[Sequence[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Accept on every listener until cancelled; then close the listeners."""
-        async with trio.open_nursery() as nursery:
-            for listener in listeners:
-                nursery.start_soon(self._accept_loop, listener, nursery)
-            task_status.started(listeners)
+        """Accept on every listener until cancelled; then close the listeners.
 
-    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
-        async with listener:
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:
-                    if exc.errno in _ACCEPT_RETRY:
-                        log.warning("accept failed (%s); retrying in 0.1 s", exc)
-                        await trio.sleep(0.1)
-                        continue
-                    raise
-                nursery.start_soon(self.handle, stream.socket)
+        Connections are handled in a nursery inside this call: cancelling it ends them."""
+        await trio.serve_listeners(self._handle_stream, list(listeners), task_status=task_status)
+
+    async def _handle_stream(self, stream: trio.SocketStream) -> None:
+        await self.handle(stream.socket)
 
     async def handle(self, sock: trio.socket.SocketType) -> None:
         """Negotiate with one client and serve it; never raises for what the client does."""
