@@ -16,17 +16,34 @@ per I/O and usbd's ratio to each server, a JSON file with every number, resident
 when empty and after the writes, and fio ``verify=crc32c`` passes against each usbd driver
 to show that speed did not cost correctness.
 
-Targets (from the issues; reported, not asserted), as usbd / baseline throughput:
+Targets (from the issues; reported, not asserted), as usbd / reference throughput (the
+reference is ``Suite.baseline``, an nbdkit server; not to be confused with ``--baseline``):
 
 - ramdisk, against nbdkit memory: >= 1.0x on 1 MiB sequential, >= 1.3x on 4 KiB random,
   and under 80 MiB resident with an empty 1 GiB disk.
 - file, against nbdkit file: >= 0.9x on 1 MiB sequential, >= 0.8x on 4 KiB random.
 
+Before and after: ``--baseline REV`` (any git revision) adds that revision's usbd driver to
+each suite as one more server, ``usbd-ramdisk@<hash>`` and ``usbd-filedisk@<hash>``, run side
+by side with the current one and nbdkit, in the same rotation and on the same kind of device.
+A change to the engine must show, in one run on one machine, that every ratio against nbdkit
+stayed within noise or got better and that server CPU per I/O did not go up; measured in
+separate runs, the machine's drift between them would be as large as the change. The report
+then gives, per workload, current and baseline usbd's ratios to each nbdkit server next to
+each other, and current / baseline throughput and CPU per I/O (with the spread of the
+per-round pairs, the noise, when there are several rounds). The baseline is installed from
+``git archive`` of that commit (no work tree of anyone's is touched, and uncommitted edits do
+not leak in), not editable, into a venv of its own cached by commit hash under
+``$XDG_CACHE_HOME/usbd-bench/<hash>/`` (default ``~/.cache``), so that later runs reuse it;
+it runs with ``python -I``, so that neither ``PYTHONPATH`` nor the current directory can put
+the current tree's code in its place.
+
 Usage: ``python bench/run.py [--suite ramdisk|file|all] [--runtime 10] [--rounds 3]
-[--output bench-results/bench.json]`` (``nox -s bench -- ARGS`` passes ARGS through). Uses
-only the standard library and the installed usbd packages; needs ``fio`` (with
+[--baseline REV] [--output bench-results/bench.json]`` (``nox -s bench -- ARGS`` passes ARGS
+through). Uses only the standard library and the installed usbd packages; needs ``fio`` (with
 ``ioengine=nbd``) and ``nbdkit`` (with its python plugin; the file plugin is built in) on
-PATH.
+PATH, and ``git`` and an index that pip can install the usbd packages' dependencies from
+for ``--baseline``.
 """
 
 from __future__ import annotations
@@ -34,6 +51,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import fcntl
 import importlib.util
 import json
 import os
@@ -52,6 +70,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 MiB = 1 << 20
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
@@ -117,6 +136,9 @@ SUITES = (
 SERVERS = tuple(name for suite in SUITES for name in suite.servers)
 #: The module each usbd server runs as (``python -m``), checked before anything starts.
 USBD_MODULES = {"usbd-ramdisk": "usbd.ramdisk", "usbd-filedisk": "usbd.filedisk"}
+#: What a ``--baseline`` venv gets from the revision's tree, in this order (core first, so that
+#: the drivers' dependency on it is met by the revision's own core, not by one from an index).
+BASELINE_PACKAGES = ("usbd-core", "usbd-ramdisk", "usbd-filedisk")
 
 
 def parse_size(text: str) -> int:
@@ -276,27 +298,46 @@ class Server:
             return ""
 
 
-def make_servers(workdir: Path, size: int) -> dict[str, Server]:
-    """Every server the benchmark knows, by name; none started, no file created yet."""
+def make_servers(workdir: Path, size: int, baseline: Baseline | None = None) -> dict[str, Server]:
+    """Every server the benchmark knows, by name; none started, no file created yet.
+
+    With a ``baseline``, also that revision's usbd drivers (those it has), each started the
+    same way as the current one, with the same options, but by the baseline venv's python.
+    """
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
         sys.exit("bench: nbdkit not found on PATH (Debian: apt-get install nbdkit)")
 
-    def sock(name: str) -> Path:
-        return workdir / f"{name}.sock"
+    def stem(name: str) -> str:
+        """File names without the ``@`` of a baseline's name (it would go into fio's URI)."""
+        return name.replace("@", "-")
 
-    def usbd(name: str, *options: str) -> Server:
-        argv = [sys.executable, "-m", USBD_MODULES[name], "--listen", str(sock(name))]
-        argv += [*options, "--store-size", str(size), "--log-level", "warning"]
-        return Server(name, argv, sock(name), workdir / f"{name}.log")
+    def sock(name: str) -> Path:
+        return workdir / f"{stem(name)}.sock"
+
+    def usbd(driver: str, *options: str, name: str = "", python: Sequence[str] = ()) -> Server:
+        name = name or driver
+        argv = [*(python or [sys.executable]), "-m", USBD_MODULES[driver]]
+        argv += ["--listen", str(sock(name)), *options]
+        argv += ["--store-size", str(size), "--log-level", "warning"]
+        return Server(name, argv, sock(name), workdir / f"{stem(name)}.log")
+
+    def filedisk(name: str = "", python: Sequence[str] = ()) -> Server:
+        # usbd-filedisk serves <store-dir>/<store-name>.bin and creates it sparse itself.
+        store = stem(name or "usbd-filedisk")
+        server = usbd(
+            "usbd-filedisk",
+            *("--store-dir", str(workdir), "--store-name", store),
+            name=name,
+            python=python,
+        )
+        server.backing = workdir / f"{store}.bin"
+        return server
 
     def nbdkit_server(name: str, *plugin: str) -> Server:
         argv = [nbdkit, "-f", "--exit-with-parent", "-U", str(sock(name)), *plugin]
         return Server(name, argv, sock(name), workdir / f"{name}.log")
 
-    # usbd-filedisk serves <store-dir>/<store-name>.bin and creates it sparse itself.
-    filedisk = usbd("usbd-filedisk", "--store-dir", str(workdir), "--store-name", "usbd-filedisk")
-    filedisk.backing = workdir / "usbd-filedisk.bin"
     nbdkit_file = nbdkit_server("nbdkit-file", "file", str(workdir / "nbdkit-file.bin"))
     nbdkit_file.backing = workdir / "nbdkit-file.bin"
     nbdkit_file.prepare = lambda: create_sparse(workdir / "nbdkit-file.bin", size)
@@ -304,9 +345,17 @@ def make_servers(workdir: Path, size: int) -> dict[str, Server]:
         usbd("usbd-ramdisk"),
         nbdkit_server("nbdkit-memory", "memory", f"size={size}"),
         nbdkit_server("nbdkit-python", "python", str(HERE / "nbdkit_ramdisk.py"), f"size={size}"),
-        filedisk,
+        filedisk(),
         nbdkit_file,
     ]
+    if baseline is not None:
+        # -I: neither PYTHONPATH, the user's site nor the current directory (which python -m
+        # puts first on sys.path) can slip the current tree's usbd in front of the baseline's.
+        python = [str(baseline.python), "-I"]
+        if "usbd-ramdisk" in baseline.drivers:
+            servers.append(usbd("usbd-ramdisk", name=baseline.name("usbd-ramdisk"), python=python))
+        if "usbd-filedisk" in baseline.drivers:
+            servers.append(filedisk(baseline.name("usbd-filedisk"), python))
     return {server.name: server for server in servers}
 
 
@@ -320,6 +369,180 @@ def running(servers: Sequence[Server]) -> Iterator[None]:
     finally:
         for server in servers:
             server.stop()
+
+
+# -- a baseline revision -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A git revision's usbd packages, installed (not editable) in a venv of their own.
+
+    ``drivers`` are the usbd drivers that revision has and that import from its venv: an old
+    revision may lack one, and that suite then runs without the baseline.
+    """
+
+    rev: str  # as given on the command line
+    commit: str
+    label: str  # the abbreviated hash, in the server names
+    directory: Path
+    drivers: tuple[str, ...]
+
+    @property
+    def python(self) -> Path:
+        return self.directory / "venv" / "bin" / "python"
+
+    def name(self, usbd: str) -> str:
+        return f"{usbd}@{self.label}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "rev": self.rev,
+            "commit": self.commit,
+            "label": self.label,
+            "venv": str(self.directory / "venv"),
+            "drivers": list(self.drivers),
+        }
+
+
+def git(*args: str) -> str:
+    """Run git in this repository; its stdout, stripped (exits with git's message on error)."""
+    done = subprocess.run(
+        ["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        sys.exit(f"bench: git {' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "usbd-bench"
+
+
+def prepare_baseline(rev: str) -> Baseline:
+    """The venv of ``rev``'s usbd packages: reused from the cache, or built there now.
+
+    Cached by the full commit hash, so a branch name that moved builds anew and two spellings
+    of one commit share a venv. A lock keeps two benchmarks from building the same one at
+    once; ``ready.json``, written last, marks a venv as complete, so that an interrupted or
+    failed build is redone rather than used, and so does a change of Python version (the
+    venv's interpreter must be the one the current usbd runs on, or the comparison would
+    measure Python).
+    """
+    if shutil.which("git") is None:
+        sys.exit("bench: --baseline needs git on PATH")
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    if not commit:
+        sys.exit(f"bench: --baseline {rev}: not a commit in {REPO}")
+    label = git("rev-parse", "--short", commit)
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    directory = root / commit
+    marker = directory / "ready.json"
+    with (root / f"{commit}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            ready = json.loads(marker.read_text())
+        except (OSError, json.JSONDecodeError):
+            ready = {}
+        python = directory / "venv" / "bin" / "python"
+        if ready.get("python") == platform.python_version() and python.exists():
+            print(f"bench: baseline {label} ({rev}): reusing {directory / 'venv'}", flush=True)
+        else:
+            print(f"bench: baseline {label} ({rev}): building {directory / 'venv'}", flush=True)
+            started = time.monotonic()
+            ready = build_baseline(commit, directory)
+            marker.write_text(json.dumps(ready, indent=2) + "\n")
+            print(
+                f"bench: baseline {label} built in {time.monotonic() - started:.0f}s"
+                f" (drivers: {', '.join(ready['drivers']) or 'none'})",
+                flush=True,
+            )
+    return Baseline(rev, commit, label, directory, tuple(ready["drivers"]))
+
+
+def build_baseline(commit: str, directory: Path) -> dict[str, Any]:
+    """Extract ``commit``'s packages/ into ``directory``/src and install them into a venv.
+
+    ``git archive`` reads the commit from the object store: nobody's work tree or index is
+    touched (others may be editing this checkout), and uncommitted edits cannot leak into the
+    baseline. The packages are installed as wheels, not editable, so that the venv does not
+    depend on the extracted tree; the venv's python is the one running this benchmark.
+    Returns what ``ready.json`` records; exits with the build log's tail on failure.
+    """
+    shutil.rmtree(directory, ignore_errors=True)
+    source = directory / "src"
+    source.mkdir(parents=True)
+    log_path = directory / "build.log"
+    with log_path.open("w") as log:
+
+        def step(*argv: str | Path) -> None:
+            log.write(f"$ {' '.join(map(str, argv))}\n")
+            log.flush()
+            done = subprocess.run(
+                [str(arg) for arg in argv],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                check=False,
+            )
+            if done.returncode != 0:
+                log.flush()
+                tail = log_path.read_text(errors="replace")[-3000:]
+                sys.exit(f"bench: building the baseline failed; {log_path}:\n{tail}")
+
+        archive = directory / "packages.tar"
+        step(
+            "git", "-C", REPO, "archive", "--format=tar", f"--output={archive}", commit, "packages"
+        )
+        step("tar", "-x", "-f", archive, "-C", source)
+        archive.unlink()
+        packages = [
+            source / "packages" / name
+            for name in BASELINE_PACKAGES
+            if (source / "packages" / name / "pyproject.toml").exists()
+        ]
+        if not packages or packages[0].name != "usbd-core":
+            sys.exit(f"bench: {commit} has no packages/usbd-core to build a baseline from")
+        venv = directory / "venv"
+        step(sys.executable, "-m", "venv", venv)
+        step(venv / "bin" / "python", "-m", "pip", "install", "--no-input", *packages)
+    # Which drivers import, and from the venv: a sanity check that the baseline really is the
+    # revision's code, not something found on a path shared with the current tree.
+    probe = (
+        "import importlib.util, json, sys; "
+        "print(json.dumps({m: getattr(importlib.util.find_spec(m), 'origin', None)"
+        " for m in sys.argv[1:]}))"
+    )
+    modules = ["usbd.core", *USBD_MODULES.values()]
+    done = subprocess.run(
+        [str(venv / "bin" / "python"), "-I", "-c", probe, *modules],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        sys.exit(f"bench: the baseline venv does not run: {done.stderr.strip()}")
+    origins: dict[str, str | None] = json.loads(done.stdout)
+    inside = {
+        module: origin is not None and Path(origin).resolve().is_relative_to(venv.resolve())
+        for module, origin in origins.items()
+    }
+    if not inside["usbd.core"]:
+        sys.exit(f"bench: the baseline's usbd.core comes from {origins['usbd.core']}, not {venv}")
+    return {
+        "commit": commit,
+        "python": platform.python_version(),
+        "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "drivers": [driver for driver, module in USBD_MODULES.items() if inside[module]],
+        "origins": origins,
+    }
 
 
 # -- fio ---------------------------------------------------------------------------------
@@ -458,14 +681,18 @@ def run_suite(
     names: Sequence[str],
     workloads: Sequence[Workload],
     args: argparse.Namespace,
+    revision: str | None = None,
 ) -> dict[str, Any]:
     """Start the suite's servers, fill them, run every workload in rotating order, verify.
 
+    ``revision`` is the name of the ``--baseline`` revision's usbd server among ``names``, if
+    any: one more server in the rotation, compared with the current usbd in the summary.
     Raises RuntimeError (after printing the servers' logs) if a server or fio fails.
     """
     chosen = [servers[name] for name in names]
     result: dict[str, Any] = {
         "usbd": suite.usbd,
+        "revision": revision,
         "baseline": suite.baseline,
         "targets": dict(suite.targets),
         "rss_target_mib": suite.rss_target_mib,
@@ -492,6 +719,7 @@ def run_suite(
                 print(f"bench: prefilled {server.name} at {speed:.0f} MiB/s{note}", flush=True)
             # Write back what the prefill left dirty now, not during the first measurements.
             os.sync()
+            width = max(len(name) for name in names)
             for round_ in range(args.rounds):
                 shift = round_ % len(names)
                 order = [*names[shift:], *names[:shift]]
@@ -502,7 +730,7 @@ def run_suite(
                         entry.setdefault(name, {"rounds": []})["rounds"].append(sample)
                         print(
                             f"bench: {suite.name} round {round_ + 1}/{args.rounds}"
-                            f" {workload.name:<14} {name:<14}"
+                            f" {workload.name:<14} {name:<{width}}"
                             f" {sample['mib_s']:9.1f} MiB/s {sample['iops']:9.0f} IOPS"
                             f" (server CPU {sample['server_cpu']:.2f},"
                             f" {sample['server_cpu_us_per_io']:.1f} us/IO)",
@@ -526,14 +754,32 @@ def run_suite(
             result.setdefault("logs", {})[server.name] = log
         if server.process is not None and server.process.returncode not in (0, None):
             result.setdefault("exit_codes", {})[server.name] = server.process.returncode
-    summarise_suite(result, suite.usbd, args.stat)
+    summarise_suite(result, suite.usbd, args.stat, revision)
     return result
 
 
-def summarise_suite(result: dict[str, Any], usbd: str, how: str) -> None:
-    """Add each server's summary over the rounds and usbd's ratio to every other server."""
+def ratio(ours: float, theirs: float) -> float | None:
+    """``ours / theirs``; None where there is nothing to divide by (a server that used less
+    CPU than the clock's tick shows zero CPU per I/O)."""
+    return ours / theirs if theirs else None
+
+
+def summarise_suite(
+    result: dict[str, Any], usbd: str, how: str, revision: str | None = None
+) -> None:
+    """Add each server's summary over the rounds and usbd's ratios to every other server.
+
+    ``ratios`` are usbd / the other's throughput (IOPS: one block size per workload, so MiB/s
+    alike), ``cpu_ratios`` usbd / the other's server CPU per I/O (below 1 is better). With a
+    ``revision`` (the baseline's server), ``revision_ratios`` are its throughput ratios to the
+    servers that are neither usbd, to set beside usbd's, and ``vs_revision`` usbd / baseline
+    per round as well: the two ran next to each other in every round, so the spread of those
+    pairs is the run's noise for this comparison.
+    """
     for per_server in result["workloads"].values():
-        for values in per_server.values():
+        names = [name for name in result["servers"] if name in per_server]
+        for name in names:
+            values = per_server[name]
             rounds = values["rounds"]
             values["summary"] = {
                 key: summarise([r[key] for r in rounds], how)
@@ -542,10 +788,37 @@ def summarise_suite(result: dict[str, Any], usbd: str, how: str) -> None:
             }
         ours = per_server.get(usbd, {}).get("summary")
         if ours:
+            others = [name for name in names if name != usbd]
             per_server["ratios"] = {
-                f"{usbd}/{name}": ours["iops"] / values["summary"]["iops"]
-                for name, values in per_server.items()
-                if name != usbd
+                f"{usbd}/{name}": ratio(ours["iops"], per_server[name]["summary"]["iops"])
+                for name in others
+            }
+            per_server["cpu_ratios"] = {
+                f"{usbd}/{name}": ratio(
+                    ours["server_cpu_us_per_io"],
+                    per_server[name]["summary"]["server_cpu_us_per_io"],
+                )
+                for name in others
+            }
+        before = per_server.get(revision or "", {})
+        if not before:
+            continue
+        per_server["revision_ratios"] = {
+            f"{revision}/{name}": ratio(
+                before["summary"]["iops"], per_server[name]["summary"]["iops"]
+            )
+            for name in names
+            if name not in (usbd, revision)
+        }
+        if ours:
+            pairs = list(zip(per_server[usbd]["rounds"], before["rounds"], strict=True))
+            per_server["vs_revision"] = {
+                "throughput": per_server["ratios"][f"{usbd}/{revision}"],
+                "cpu_per_io": per_server["cpu_ratios"][f"{usbd}/{revision}"],
+                "throughput_rounds": [ratio(a["iops"], b["iops"]) for a, b in pairs],
+                "cpu_per_io_rounds": [
+                    ratio(a["server_cpu_us_per_io"], b["server_cpu_us_per_io"]) for a, b in pairs
+                ],
             }
 
 
@@ -571,20 +844,55 @@ def render(table: list[list[str]], left: frozenset[int] = frozenset({0, 1})) -> 
     return "\n".join(lines)
 
 
+def times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def spread(values: Sequence[float | None]) -> str:
+    """`` (low-high)`` of per-round ratios, or nothing for a single round."""
+    known = [value for value in values if value is not None]
+    if len(known) < 2:
+        return ""
+    return f" ({min(known):.2f}-{max(known):.2f})"
+
+
 def report(suite: Suite, result: dict[str, Any], rounds: int, how: str, size: int) -> str:
-    """The suite's tables (per server, then usbd's ratios and targets), memory and verify."""
+    """The suite's tables (per server, usbd's ratios and targets, before / after against a
+    ``--baseline`` revision), memory and verify."""
     names: list[str] = result["servers"]
-    others = [name for name in names if name != suite.usbd]
-    rows = [["workload", "server", "MiB/s", "IOPS", "srv CPU", "CPU us/IO", "usbd/this"]]
+    revision: str | None = result.get("revision")
+    others = [name for name in names if name not in (suite.usbd, revision)]
+    rows = [
+        [
+            "workload",
+            "server",
+            "MiB/s",
+            "IOPS",
+            "srv CPU",
+            "CPU us/IO",
+            "usbd/this",
+            "CPU usbd/this",
+        ]
+    ]
     ratios = [["workload", *(f"{suite.usbd}/{o}" for o in others), f"target vs {suite.baseline}"]]
+    # Current and baseline usbd's ratio to each nbdkit server side by side, then the two
+    # directly: the figures the claim "within noise or better, CPU per I/O no higher" needs.
+    before_after = [
+        [
+            "workload",
+            *(f"vs {o}: now / before" for o in others),
+            "MiB/s now/before",
+            "CPU us/IO now/before",
+        ]
+    ]
     for workload in WORKLOADS:
         per_server = result["workloads"].get(workload.name)
         if not per_server:
             continue
         found = per_server.get("ratios", {})
+        cpu = per_server.get("cpu_ratios", {})
         for name in names:
             summary = per_server[name]["summary"]
-            ratio = found.get(f"{suite.usbd}/{name}")
             rows.append(
                 [
                     workload.name,
@@ -593,13 +901,13 @@ def report(suite: Suite, result: dict[str, Any], rounds: int, how: str, size: in
                     f"{summary['iops']:.0f}",
                     f"{summary['server_cpu']:.2f}",
                     f"{summary['server_cpu_us_per_io']:.1f}",
-                    "" if ratio is None else f"{ratio:.2f}x",
+                    "" if name == suite.usbd else times(found.get(f"{suite.usbd}/{name}")),
+                    "" if name == suite.usbd else times(cpu.get(f"{suite.usbd}/{name}")),
                 ]
             )
         ratio_row = [workload.name]
         for other in others:
-            value = found.get(f"{suite.usbd}/{other}")
-            ratio_row.append("-" if value is None else f"{value:.2f}x")
+            ratio_row.append(times(found.get(f"{suite.usbd}/{other}")))
         target = suite.targets.get(workload.name)
         baseline = found.get(f"{suite.usbd}/{suite.baseline}")
         if target is None or baseline is None:
@@ -608,10 +916,32 @@ def report(suite: Suite, result: dict[str, Any], rounds: int, how: str, size: in
             verdict = "met" if baseline >= target else "NOT met"
             ratio_row.append(f">= {target:.1f}x ({verdict})")
         ratios.append(ratio_row)
+        versus = per_server.get("vs_revision")
+        if versus is not None:
+            before = per_server.get("revision_ratios", {})
+            before_after.append(
+                [
+                    workload.name,
+                    *(
+                        f"{times(found.get(f'{suite.usbd}/{o}'))}"
+                        f" / {times(before.get(f'{revision}/{o}'))}"
+                        for o in others
+                    ),
+                    times(versus["throughput"]) + spread(versus["throughput_rounds"]),
+                    times(versus["cpu_per_io"]) + spread(versus["cpu_per_io_rounds"]),
+                ]
+            )
     text = [f"{suite.name} suite: fio over NBD, unix sockets ({how} of {rounds} round(s)):"]
     text.append(render(rows))
     if suite.usbd in names and others:
         text += ["", render(ratios, frozenset({0, len(ratios[0]) - 1}))]
+    if len(before_after) > 1:
+        text += [
+            "",
+            f"{suite.usbd} now against {revision} (before), side by side in the same rounds"
+            + (" (low-high of the per-round pairs):" if rounds > 1 else ":"),
+            render(before_after, frozenset({0})),
+        ]
     text += memory_lines(suite, result["memory"], size)
     for check in result.get("verify", []):
         if check["passed"]:
@@ -695,7 +1025,16 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=SERVERS,
         default=list(SERVERS),
-        help="servers to run, within the chosen suites (default all; ratios need usbd's)",
+        help="servers to run, within the chosen suites (default all; ratios need usbd's; "
+        "a --baseline revision's usbd runs in every chosen suite whatever this says)",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        default=None,
+        help="a git revision (hash, tag, branch) whose usbd drivers run in each suite as one "
+        "more server, <driver>@<hash>, for before / after ratios in one run; installed from "
+        "git archive into a venv cached under $XDG_CACHE_HOME/usbd-bench/<commit>/",
     )
     parser.add_argument(
         "--workloads",
@@ -740,6 +1079,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"bench: {USBD_MODULES[suite.usbd]} is not installed"
                 f" (pip install packages/{suite.usbd}), needed by the {suite.name} suite"
             )
+    baseline = None if args.baseline is None else prepare_baseline(args.baseline)
+    revisions: dict[str, str | None] = {}
+    for suite, names in plan:
+        if baseline is None:
+            revisions[suite.name] = None
+        elif suite.usbd not in baseline.drivers:
+            revisions[suite.name] = None
+            print(f"bench: {baseline.label} has no {suite.usbd}; {suite.name} runs without it")
+        else:
+            # Next to the current usbd, so that the rotation puts the two as close together
+            # in time as it can.
+            name = baseline.name(suite.usbd)
+            revisions[suite.name] = name
+            at = names.index(suite.usbd) + 1 if suite.usbd in names else 0
+            names.insert(at, name)
     results: dict[str, Any] = {
         "config": {
             "suites": [suite.name for suite, _ in plan],
@@ -749,6 +1103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "stat": args.stat,
             "size": args.size,
             "verify_size": args.verify_size,
+            "baseline": None if baseline is None else baseline.as_json(),
             "workloads": {
                 w.name: {"rw": w.rw, "bs": w.bs, "iodepth": w.iodepth} for w in workloads
             },
@@ -765,10 +1120,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="usbd-bench-", dir=args.tmpdir) as tmp:
         results["config"]["tmpdir"] = tmp
-        servers = make_servers(Path(tmp), args.size)
+        servers = make_servers(Path(tmp), args.size, baseline)
         for suite, names in plan:
             try:
-                results["suites"][suite.name] = run_suite(suite, servers, names, workloads, args)
+                results["suites"][suite.name] = run_suite(
+                    suite, servers, names, workloads, args, revisions[suite.name]
+                )
             except (RuntimeError, KeyboardInterrupt) as exc:
                 print(f"bench: aborted in the {suite.name} suite: {exc}", file=sys.stderr)
                 return 1
