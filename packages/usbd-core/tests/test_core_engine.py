@@ -6,9 +6,12 @@ the Linux kernel talks to a daemon that handed it one end of a socketpair.
 
 from __future__ import annotations
 
+import array
 import errno
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -43,6 +46,7 @@ from core_helpers import (
     ThreadedMemDevice,
     request,
     seam,
+    serving,
     wait_until,
 )
 
@@ -684,7 +688,7 @@ async def test_payloads_stay_intact_while_the_writer_is_behind_and_buffers_stay_
             assert replies == {i: ENOSPC if i == 7 else 0 for i in range(count)}
             await client.send(request(DISC))
     await client.aclose()
-    assert connection._buffers <= 4
+    assert connection._behind is not None and connection._behind.buffers <= 4
     for i, payload in enumerate(payloads):
         if i != 7:
             assert device.data[i * chunk : (i + 1) * chunk] == payload, i
@@ -719,3 +723,248 @@ async def test_writes_queued_when_the_client_vanishes_are_written_then_flushed()
         "flush"
     ]
     assert all(device.data[i * 4096 : (i + 1) * 4096] == bytes([i]) * 4096 for i in range(50))
+
+
+# -- defects a review found, each reproduced -----------------------------------------------
+
+
+class BusyReadsDeclinedWrites(ThreadedMemDevice):
+    """Every WRITE goes to the writer thread and takes a few ms there, while a try_read
+    keeps the event loop busy for longer: the writer finishes while the loop is busy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writing = threading.Event()
+
+    def try_write(self, offset: int, data: memoryview) -> int:
+        return 0
+
+    def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        self.writing.set()
+        time.sleep(0.02)
+        super().write(offset, data, fua)
+
+    def try_read(self, offset: int, length: int) -> bytes | None:
+        time.sleep(0.1)
+        return bytes(self.data[offset : offset + length])
+
+
+@pytest.mark.parametrize("end", ["disc", "eof"])
+async def test_a_connection_ending_while_the_writer_holds_writes_answers_them_and_ends(
+    end: str,
+) -> None:
+    """WRITE, then READ and DISC (or EOF) in one go: the writer finishes the WRITE while the
+    loop is busy with the READ, so it does not wake the loop; the end of the connection must
+    still collect it, send its reply and return."""
+    device = BusyReadsDeclinedWrites()
+    server_sock, client_sock = trio.socket.socketpair()
+    export = Export(device)
+    connection = Connection(SocketTransport(server_sock), export, session_for(export))
+    client = RawClient(trio.SocketStream(client_sock))
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.serve)
+            await client.send(request(WRITE, 1, 0, 4) + b"abcd")
+            await wait_until(device.writing.is_set)  # the READ arrives while it writes
+            tail = request(READ, 2, 0, 4) + (request(DISC, 3) if end == "disc" else b"")
+            await client.send(tail)
+            if end == "eof":
+                client_sock.shutdown(trio.socket.SHUT_WR)
+            replies = {}
+            for _ in range(2):
+                error, cookie = await client.simple_reply()
+                replies[cookie] = error
+                if cookie == 2:  # overlapping the WRITE in flight: either data will do
+                    assert await client.recv_exactly(4) in (b"abcd", bytes(4))
+            assert replies == {1: 0, 2: 0}
+            # serve() returns: the nursery exits within the deadline.
+    await client.aclose()
+    assert bytes(device.data[:4]) == b"abcd"
+
+
+class OddReads(MemDevice):
+    """Inline reads that return the right number of items in the wrong shape."""
+
+    def read(self, offset: int, length: int) -> Any:
+        if offset == 0:  # `length` items of 4 bytes each
+            return memoryview(array.array("I", bytes(4 * length)))
+        if offset == 4096:  # `length` bytes, but not contiguous
+            return memoryview(bytes(2 * length))[::2]
+        if offset == 8192:  # not bytes at all
+            return [0] * length
+        return super().read(offset, length)
+
+
+@pytest.mark.parametrize("offset", [0, 4096, 8192])
+async def test_a_read_of_the_wrong_shape_costs_that_request_only(offset: int) -> None:
+    device = OddReads()
+    device.data[20000:20004] = b"good"
+    with trio.fail_after(10):
+        async with seam(device) as (client, _):
+            await client.send(request(READ, 1, offset, 16))
+            assert await client.simple_reply() == (errno.EIO, 1)
+            assert await client.read(20000, 4) == b"good"
+
+
+async def test_a_read_of_the_wrong_shape_does_not_take_the_server_down(tmp_path: Path) -> None:
+    device = OddReads()
+    device.data[20000:20004] = b"good"
+    with trio.fail_after(10):
+        async with serving([Export(device)], str(tmp_path / "s")) as connect:
+            bystander = await connect()
+            await bystander.go("")
+            culprit = await connect()
+            await culprit.go("")
+            await culprit.send(request(READ, 1, 0, 16))
+            assert await culprit.simple_reply() == (errno.EIO, 1)
+            assert await bystander.read(20000, 4) == b"good"
+            assert await culprit.read(20000, 4) == b"good"
+
+
+class LyingTryWrite(ThreadedMemDevice):
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.count = count
+
+    def try_write(self, offset: int, data: memoryview) -> int:
+        return self.count
+
+
+@pytest.mark.parametrize("count", [-1, 5, 1 << 40])
+async def test_a_try_write_count_out_of_range_is_an_error_reply(count: int) -> None:
+    device = LyingTryWrite(count)
+    with trio.fail_after(10):
+        async with seam(device) as (client, _):
+            assert await client.write(100, b"abcd") == errno.EIO
+            assert await client.read(100, 4) == bytes(4)  # nothing written behind the reply
+    assert "write" not in device.calls
+
+
+class MixedDevice(Device):
+    def __init__(self) -> None:
+        self.size = 4096
+
+    async def read(self, offset: int, length: int) -> bytes:  # type: ignore[override]
+        return bytes(length)
+
+    def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        pass
+
+
+class TryOnInline(MemDevice):
+    def try_read(self, offset: int, length: int) -> bytes | None:
+        return None
+
+
+class TryOnSerial(ThreadedMemDevice):
+    parallel = False
+
+    def try_write(self, offset: int, data: memoryview) -> int:
+        return 0
+
+
+class TryOnAsync(AsyncMemDevice):
+    def try_read(self, offset: int, length: int) -> bytes | None:
+        return None
+
+
+class AsyncTry(ThreadedMemDevice):
+    async def try_read(self, offset: int, length: int) -> bytes | None:  # type: ignore[override]
+        return None
+
+
+class TryWriteReadOnly(ThreadedMemDevice):
+    write = Device.write  # type: ignore[assignment]
+
+    def try_write(self, offset: int, data: memoryview) -> int:
+        return 0
+
+
+@pytest.mark.parametrize(
+    ("device_type", "words"),
+    [
+        (MixedDevice, ["MixedDevice.write", "async def", "MixedDevice.read"]),
+        (TryOnInline, ["TryOnInline.try_read", "blocking = True", "parallel = True"]),
+        (TryOnSerial, ["TryOnSerial.try_write", "parallel = True"]),
+        (TryOnAsync, ["TryOnAsync.try_read", "plain"]),
+        (AsyncTry, ["AsyncTry.try_read", "plain function"]),
+        (TryWriteReadOnly, ["TryWriteReadOnly.try_write", "write"]),
+    ],
+)
+def test_an_inconsistent_execution_model_is_refused_when_the_export_is_built(
+    device_type: type[Device], words: list[str]
+) -> None:
+    with pytest.raises(TypeError) as refused:
+        Export(device_type())
+    for word in words:
+        assert word in str(refused.value)
+
+
+class CountingTryRead(ThreadedMemDevice):
+    def __init__(self) -> None:
+        super().__init__(8 << 20)
+        self.tried: list[int] = []
+
+    def try_read(self, offset: int, length: int) -> bytes | None:
+        self.tried.append(length)
+        return bytes(self.data[offset : offset + length])
+
+
+async def test_try_read_is_not_asked_for_more_than_the_fast_path_cap() -> None:
+    """A try_read copies on the event loop: a 4 MiB read goes to a worker thread at once."""
+    device = CountingTryRead()
+    with trio.fail_after(10):
+        async with seam(device) as (client, _):
+            assert await client.read(0, 4 << 20) == bytes(4 << 20)
+            assert await client.read(0, 4096) == bytes(4096)
+    assert device.tried == [4096]
+    assert device.calls == ["read"]
+
+
+async def test_rounds_of_declined_writes_each_awaiting_its_replies_are_all_answered() -> None:
+    """A client that sends 64 writes and waits for their 64 replies, round after round (as
+    the suite's pipelined writes do): replies the loop collects just before it waits must
+    still be sent, or a round stalls a few replies short."""
+    device = DeclinedWrites()
+    with trio.fail_after(20):
+        async with seam(device) as (client, _):
+            for round_ in range(20):
+                data = b"".join(
+                    request(WRITE, i, i * 4096, 4096) + bytes([round_]) * 4096 for i in range(64)
+                )
+                await client.send(data)
+                assert {await client.simple_reply() for _ in range(64)} == {
+                    (0, i) for i in range(64)
+                }
+    assert bytes(device.data[: 64 * 4096]) == bytes([19]) * (64 * 4096)
+
+
+class SlowThreadReadsDeclinedWrites(DeclinedWrites):
+    """Writes go to the writer thread; reads decline the fast path and take a while in a
+    worker thread."""
+
+    def try_read(self, offset: int, length: int) -> bytes | None:
+        return None
+
+    def read(self, offset: int, length: int) -> bytes:
+        time.sleep(0.05)
+        return super().read(offset, length)
+
+
+async def test_disc_answers_reads_still_in_worker_threads_with_a_writer() -> None:
+    """The end of the stream waits for the writer, then for the requests still in tasks: a
+    READ in a worker thread when DISC arrives still gets its reply."""
+    device = SlowThreadReadsDeclinedWrites()
+    with trio.fail_after(10):
+        async with seam(device) as (client, _):
+            await client.send(
+                request(WRITE, 1, 0, 3) + b"xyz" + request(READ, 2, 4096, 3) + request(DISC, 3)
+            )
+            replies = {}
+            for _ in range(2):
+                error, cookie = await client.simple_reply()
+                replies[cookie] = error
+                if cookie == 2:
+                    assert await client.recv_exactly(3) == bytes(3)
+            assert replies == {1: 0, 2: 0}
+            assert await client.closed_by_server()

@@ -188,10 +188,10 @@ def test_partial_request_is_moved_to_the_front_when_space_runs_out() -> None:
     ]
 
 
-def _receive_keeping_views(step: int | None, keep: bool) -> int:
+def _receive_keeping_views(step: int | None, pin: bool) -> int:
     """What the engine does while its writer thread holds payloads: keep every view, swap in
-    fresh storage whenever the next receive would overwrite or move received bytes (with
-    ``keep``, going on behind them as long as there is room). The views must still read what
+    fresh storage whenever the next receive would overwrite or move received bytes (pinned,
+    the buffer goes on behind them as long as there is room). The views must still read what
     was sent, and the stream parse as if nothing happened. Returns the number of swaps."""
     buffer = RequestBuffer(1024, capacity=200)
     payloads = [bytes([i]) * (20 + 7 * i) for i in range(12)]
@@ -200,11 +200,11 @@ def _receive_keeping_views(step: int | None, keep: bool) -> int:
     popped: list[int] = []
     pos = swaps = 0
     while pos < len(data):
-        if buffer.would_move(keep=keep):
-            old = buffer.storage
-            assert buffer.swap(bytearray(200)) is old
+        if buffer.would_move():
+            buffer.swap(bytearray(200))
+            assert not buffer.pinned
             swaps += 1
-        space = buffer.space(keep=keep)
+        space = buffer.space()
         n = min(len(space), len(data) - pos, step or len(data))
         space[:n] = data[pos : pos + n]
         buffer.commit(n)
@@ -213,6 +213,8 @@ def _receive_keeping_views(step: int | None, keep: bool) -> int:
             popped.append(req[2])
             if req[5] is not None:
                 views.append(req[5])
+                if pin:
+                    buffer.pin()
     assert popped == [*range(12), 99]
     assert [bytes(v) for v in views] == payloads
     assert buffer.idle
@@ -223,8 +225,8 @@ def _receive_keeping_views(step: int | None, keep: bool) -> int:
 def test_payload_views_survive_when_the_buffer_is_swapped_before_it_would_move(
     step: int | None,
 ) -> None:
-    starting_over = _receive_keeping_views(step, keep=False)
-    going_on = _receive_keeping_views(step, keep=True)
+    starting_over = _receive_keeping_views(step, pin=False)
+    going_on = _receive_keeping_views(step, pin=True)
     assert starting_over >= going_on > 1
     if step is not None:  # small receives: going on behind the views needs fewer buffers
         assert starting_over > going_on
@@ -256,15 +258,18 @@ def test_swapping_in_the_same_storage_moves_what_is_pending_intact() -> None:
     """The engine may get the buffer's own storage back as the spare (the writer finished
     with it while the loop waited): the pending bytes overlap where they must go."""
     buffer = RequestBuffer(1024, capacity=100)
+    storage = bytearray(100)
+    buffer.swap(storage)
     first, second = write(1, 0, bytes(range(2))), write(2, 0, bytes(range(100, 160)))
     feed(buffer, first)  # 30 bytes taken
     part = second[:60]
-    space = buffer.space(keep=True)
+    buffer.pin()
+    space = buffer.space()
     space[: len(part)] = part
     buffer.commit(len(part))
     assert buffer.pop() is None and buffer.pending == 60  # bytes 30..90: overlaps 0..60
-    buffer.swap(buffer.storage)
-    assert bytes(buffer.storage[:60]) == part
+    assert buffer.swap(storage) is storage
+    assert bytes(storage[:60]) == part
     assert feed(buffer, second[60:]) == [(WRITE, 0, 2, 0, 60, bytes(range(100, 160)))]
 
 
@@ -281,7 +286,7 @@ def test_would_move_only_when_received_bytes_would_be_overwritten() -> None:
     assert buffer.pop() is None
     assert not buffer.would_move()  # the rest fits behind what is there
     assert buffer.swap(bytearray(10)) is not None  # too small for what is pending: grows
-    assert len(buffer.storage) == 100 and buffer.pending == 40
+    assert buffer.capacity == 100 and buffer.pending == 40
     feed(buffer, write(2, 0, bytes(60))[40:])
 
 

@@ -19,7 +19,15 @@ from typing import Any
 import pytest
 from filedisk_helpers import missing
 
-from usbd.core import Device, DeviceError, Export, Extent, ExtentFlag, TransmissionFlag
+from usbd.core import (
+    Device,
+    DeviceError,
+    Execution,
+    Export,
+    Extent,
+    ExtentFlag,
+    TransmissionFlag,
+)
 from usbd.core.testing import (
     DeviceHarness,
     MakeDevice,
@@ -324,14 +332,15 @@ def test_what_the_engine_advertises(tmp_path: Path) -> None:
         for flag in ("SEND_FLUSH", "SEND_FUA", "SEND_TRIM", "SEND_CACHE", "CAN_MULTI_CONN"):
             assert export.flags & TransmissionFlag[flag], flag
         assert export.native_fua and export.native_zero and export.can_extents
-        assert export.can_try_read and export.can_try_write
+        assert export.execution is Execution.PARALLEL_THREADS
+        assert export.fast.read == disk.try_read and export.fast.write_behind
         assert export.info.min_block == 1
     finally:
         disk.close()
     direct = direct_disk(tmp_path / "direct-flags.bin", MiB)
     try:
         export = Export(direct)
-        assert not export.can_try_read and not export.can_try_write
+        assert export.fast.read is None and export.fast.write is None
         assert export.info.min_block == 1 and export.info.preferred_block == 4096
     finally:
         direct.close()

@@ -23,6 +23,7 @@ from ._constants import (
 from ._device import BytesLike, Device, Extent, Fua
 from ._engine import Connection
 from ._errors import DeviceError, ProtocolError, nbd_errno
+from ._execution import ContractError, Execution, FastPath
 from ._export import Export
 from ._handshake import ExportInfo, Handshake, Negotiated
 from ._keys import KeySourceError, check_key_spec, describe_key_spec, load_key
@@ -38,13 +39,16 @@ __all__ = [
     "Command",
     "CommandFlag",
     "Connection",
+    "ContractError",
     "Device",
     "DeviceError",
     "Errno",
+    "Execution",
     "Export",
     "ExportInfo",
     "Extent",
     "ExtentFlag",
+    "FastPath",
     "Fua",
     "Handshake",
     "KeySourceError",

@@ -139,3 +139,37 @@ class Errno(enum.IntEnum):
 
 
 BASE_ALLOCATION: Final = "base:allocation"
+
+
+# -- the same numbers as plain ints, for the request path -------------------------------------
+# Attribute access on an enum class and IntFlag operators each cost far more than the int
+# operation they stand for, and the request loop does several per request. The engine and the
+# transmission layer use these; everything else should use the enums above.
+
+CMD_READ: Final = int(Command.READ)
+CMD_WRITE: Final = int(Command.WRITE)
+CMD_DISC: Final = int(Command.DISC)
+CMD_FLUSH: Final = int(Command.FLUSH)
+CMD_TRIM: Final = int(Command.TRIM)
+CMD_CACHE: Final = int(Command.CACHE)
+CMD_WRITE_ZEROES: Final = int(Command.WRITE_ZEROES)
+CMD_BLOCK_STATUS: Final = int(Command.BLOCK_STATUS)
+#: One more than the highest command number defined: per-command tables have this many slots.
+CMD_COUNT: Final = 16
+#: Commands that change the device (a FLUSH waits for them; a read-only export refuses them).
+CMD_WRITES: Final = frozenset({CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES})
+
+FLAG_FUA: Final = int(CommandFlag.FUA)
+FLAG_NO_HOLE: Final = int(CommandFlag.NO_HOLE)
+FLAG_DF: Final = int(CommandFlag.DF)
+FLAG_REQ_ONE: Final = int(CommandFlag.REQ_ONE)
+FLAG_FAST_ZERO: Final = int(CommandFlag.FAST_ZERO)
+FLAGS_ALL: Final = FLAG_FUA | FLAG_NO_HOLE | FLAG_DF | FLAG_REQ_ONE | FLAG_FAST_ZERO
+
+CHUNK_OFFSET_DATA: Final = int(ChunkType.OFFSET_DATA)
+EXTENT_ZERO: Final = int(ExtentFlag.ZERO)
+EXTENT_FLAGS: Final = int(ExtentFlag.HOLE | ExtentFlag.ZERO)
+
+TF_READ_ONLY: Final = int(TransmissionFlag.READ_ONLY)
+TF_SEND_FUA: Final = int(TransmissionFlag.SEND_FUA)
+TF_SEND_FAST_ZERO: Final = int(TransmissionFlag.SEND_FAST_ZERO)

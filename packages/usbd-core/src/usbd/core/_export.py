@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import errno
 import functools
-import inspect
 import logging
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 import trio
 
-from ._constants import DEFAULT_MAX_PAYLOAD, Command, ExtentFlag, TransmissionFlag
+from ._constants import DEFAULT_MAX_PAYLOAD, EXTENT_FLAGS, Command, TransmissionFlag
 from ._device import BytesLike, Device, Extent, Fua
 from ._errors import DeviceError
+from ._execution import ContractError, Execution, fast_path, overrides, resolve
 from ._handshake import ExportInfo
 
 __all__ = ["Export", "drive", "normalise_extents"]
@@ -31,8 +31,6 @@ T = TypeVar("T")
 #: Writing zeros for a device without ``zero``: this many bytes per write.
 _ZERO_CHUNK = 1024 * 1024
 _ZEROS = memoryview(bytes(_ZERO_CHUNK))
-#: The base:allocation bits an extent may carry (a plain int: it is used per extent).
-_EXTENT_FLAGS = int(ExtentFlag.HOLE | ExtentFlag.ZERO)
 
 
 def drive(coro: Coroutine[Any, Any, T]) -> T:
@@ -45,12 +43,13 @@ def drive(coro: Coroutine[Any, Any, T]) -> T:
     raise RuntimeError("an inline device operation tried to suspend")
 
 
-def _overrides(cls: type, name: str) -> bool:
-    return getattr(cls, name) is not getattr(Device, name)
-
-
 class Export:
-    """One device offered under one name, shared by all the connections that select it."""
+    """One device offered under one name, shared by all the connections that select it.
+
+    Building one checks the device's execution model (:func:`usbd.core._execution.resolve`:
+    a TypeError says what to change) and fixes how every call is made: :attr:`execution`
+    and the request loop's :attr:`fast` path.
+    """
 
     def __init__(
         self,
@@ -67,21 +66,22 @@ class Export:
         self.name = name
         self.description = description
         self.max_payload = max_payload
-        self.is_async = inspect.iscoroutinefunction(cls.read)
+        #: Where and how the device's calls run, from what it declares.
+        self.execution = resolve(cls)
+        self.is_async = self.execution.is_async
         #: Calls run on the event loop and never suspend: the engine's batched fast path.
-        self.inline = not self.is_async and not cls.blocking
-        self.can_write = _overrides(cls, "write") and not (read_only or device.read_only)
-        self.can_flush = _overrides(cls, "flush")
-        self.can_trim = self.can_write and _overrides(cls, "trim")
-        self.native_zero = self.can_write and _overrides(cls, "zero")
-        self.can_extents = _overrides(cls, "extents")
-        self.can_cache = _overrides(cls, "cache")
-        #: A blocking device that can try READ / WRITE on the event loop without blocking.
-        #: Only a parallel one: the attempts (and the writer thread that takes over the writes
-        #: a try_write leaves) run beside the worker threads.
-        plain_blocking = not self.is_async and not self.inline and cls.parallel
-        self.can_try_read = plain_blocking and _overrides(cls, "try_read")
-        self.can_try_write = plain_blocking and self.can_write and _overrides(cls, "try_write")
+        self.inline = self.execution is Execution.INLINE
+        self.can_write = overrides(cls, "write") and not (read_only or device.read_only)
+        self.can_flush = overrides(cls, "flush")
+        self.can_trim = self.can_write and overrides(cls, "trim")
+        self.native_zero = self.can_write and overrides(cls, "zero")
+        self.can_extents = overrides(cls, "extents")
+        self.can_cache = overrides(cls, "cache")
+        self._has_close = overrides(cls, "close")
+        #: What the request loop may call on the event loop for a plain READ or WRITE.
+        self.fast = fast_path(
+            device, self.execution, can_write=self.can_write, max_payload=max_payload
+        )
         #: Long structured reads are split into data and hole chunks (from extents).
         self.sparse_reads = self.can_extents and cls.sparse_reads
         self.native_fua = cls.fua is Fua.NATIVE
@@ -89,8 +89,8 @@ class Export:
         self._closed = False
         #: Requests received per command number (all connections), for the exit summary.
         self.counts = [0] * 16
-        self._limiter = trio.CapacityLimiter(max_workers if cls.parallel else 1)
-        self._lock = trio.Lock() if self.is_async and not cls.parallel else None
+        self._limiter = trio.CapacityLimiter(max_workers if self.execution.parallel else 1)
+        self._lock = trio.Lock() if self.execution is Execution.SERIAL_ASYNC else None
         self.size = int(device.size)
         if self.size < 0:
             raise ValueError(f"device size must not be negative, got {self.size}")
@@ -149,12 +149,25 @@ class Export:
         return self.check_read(data, length)
 
     @staticmethod
-    def check_read(data: BytesLike, length: int) -> BytesLike:
-        """A short or long read would desynchronise the stream: refuse it as an I/O error."""
-        if isinstance(data, memoryview) and data.itemsize != 1:
-            data = data.cast("B")
+    def check_read(data: object, length: int) -> BytesLike:
+        """What a device's read returned, as bytes the transport can send, or ContractError.
+
+        A read that is short or long would desynchronise the stream, and one that is not a
+        contiguous run of bytes (a list, a strided view, ``length`` items of 4 bytes) would
+        break the transport's accounting for every reply sent with it: each costs only its
+        own request. A contiguous buffer of another format is sent as its bytes."""
+        if not isinstance(data, bytes | bytearray):
+            try:
+                view = memoryview(data)  # type: ignore[arg-type]
+            except TypeError:
+                raise ContractError(
+                    f"device read returned {type(data).__name__}, not bytes"
+                ) from None
+            if not view.c_contiguous:
+                raise ContractError("device read returned a buffer that is not contiguous")
+            data = view if view.ndim == 1 and view.itemsize == 1 else view.cast("B")
         if len(data) != length:
-            raise DeviceError(errno.EIO, f"device read returned {len(data)} bytes, not {length}")
+            raise ContractError(f"device read returned {len(data)} bytes, not {length}")
         return data
 
     async def write(self, offset: int, data: memoryview, fua: bool) -> None:
@@ -215,7 +228,9 @@ class Export:
         finally:
             self._closed = True
             close: Callable[[], Any] = self.device.close
-            if self.is_async:
+            if not self._has_close:
+                pass  # Device.close does nothing (and is no coroutine to await)
+            elif self.is_async:
                 await close()
             elif self.inline:
                 close()
@@ -254,7 +269,7 @@ def normalise_extents(
             continue
         if start > pos:
             runs.append((start - pos, 0))
-        flags = int(extent.flags) & _EXTENT_FLAGS
+        flags = int(extent.flags) & EXTENT_FLAGS
         if runs and runs[-1][1] == flags:
             runs[-1] = (runs[-1][0] + stop - start, flags)
         else:

@@ -15,11 +15,25 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from ._constants import (
+    CMD_BLOCK_STATUS,
+    CMD_DISC,
+    CMD_FLUSH,
+    CMD_READ,
+    CMD_WRITE,
+    CMD_WRITE_ZEROES,
+    CMD_WRITES,
+    FLAG_DF,
+    FLAG_FAST_ZERO,
+    FLAG_FUA,
+    FLAGS_ALL,
     REPLY_FLAG_DONE,
     REQUEST_MAGIC,
     REQUEST_SIZE,
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
+    TF_READ_ONLY,
+    TF_SEND_FAST_ZERO,
+    TF_SEND_FUA,
     ChunkType,
     Command,
     CommandFlag,
@@ -48,25 +62,9 @@ OFFSET_DATA_HEADER: Final = struct.Struct(">IHHQIQ")
 #: A decoded request: (command, flags, cookie, offset, length, payload or None).
 Request = tuple[int, int, int, int, int, memoryview | None]
 
-# Plain ints throughout: every IntFlag operator goes through enum machinery (about a
-# microsecond each), and check() runs for every request that misses the fast path.
-_FUA: Final = int(CommandFlag.FUA)
-_DF: Final = int(CommandFlag.DF)
-_FAST_ZERO: Final = int(CommandFlag.FAST_ZERO)
-_ALL_FLAGS: Final = int(
-    CommandFlag.FUA
-    | CommandFlag.NO_HOLE
-    | CommandFlag.DF
-    | CommandFlag.REQ_ONE
-    | CommandFlag.FAST_ZERO
-)
-_READ: Final = int(Command.READ)
-_WRITE: Final = int(Command.WRITE)
-_DISC: Final = int(Command.DISC)
-_FLUSH: Final = int(Command.FLUSH)
-_WRITE_ZEROES: Final = int(Command.WRITE_ZEROES)
-_BLOCK_STATUS: Final = int(Command.BLOCK_STATUS)
-# The flag each command needs advertised before a client may send it.
+# Plain ints throughout (the wire table in _constants): every IntFlag operator goes through
+# enum machinery (about a microsecond each), and check() runs for every request that misses the
+# fast path.
 _NEEDS: Final = {
     int(Command.FLUSH): int(TransmissionFlag.SEND_FLUSH),
     int(Command.TRIM): int(TransmissionFlag.SEND_TRIM),
@@ -83,10 +81,6 @@ _FLAG_OWNER: Final = tuple(
         (CommandFlag.REQ_ONE, Command.BLOCK_STATUS),
     )
 )
-_WRITES: Final = frozenset({_WRITE, int(Command.TRIM), _WRITE_ZEROES})
-_SEND_FUA: Final = int(TransmissionFlag.SEND_FUA)
-_SEND_FAST_ZERO: Final = int(TransmissionFlag.SEND_FAST_ZERO)
-_READ_ONLY: Final = int(TransmissionFlag.READ_ONLY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,10 +99,6 @@ class Session:
     def __post_init__(self) -> None:
         object.__setattr__(self, "raw_flags", int(self.flags))
 
-    @property
-    def read_only(self) -> bool:
-        return bool(self.raw_flags & _READ_ONLY)
-
 
 def check(session: Session, command: int, flags: int, offset: int, length: int) -> Errno | None:
     """The error a request must be answered with, or None when the device may serve it.
@@ -117,14 +107,14 @@ def check(session: Session, command: int, flags: int, offset: int, length: int) 
     the specification's advice (and nbdkit): permission, then range, then flags.
     """
     advertised = session.raw_flags
-    if command in _WRITES and advertised & _READ_ONLY:
+    if command in CMD_WRITES and advertised & TF_READ_ONLY:
         return Errno.EPERM
-    if command == _FLUSH:
+    if command == CMD_FLUSH:
         if offset or length:
             return Errno.EINVAL
-    elif _READ <= command <= _BLOCK_STATUS and command != _DISC:
+    elif CMD_READ <= command <= CMD_BLOCK_STATUS and command != CMD_DISC:
         if length == 0 or offset + length > session.size:
-            if command in (_WRITE, _WRITE_ZEROES):
+            if command in (CMD_WRITE, CMD_WRITE_ZEROES):
                 return Errno.ENOSPC
             return Errno.EINVAL
         if session.min_block > 1 and (offset | length) % session.min_block:
@@ -132,23 +122,23 @@ def check(session: Session, command: int, flags: int, offset: int, length: int) 
     else:
         return Errno.EINVAL
     if flags:
-        if flags & ~_ALL_FLAGS:
+        if flags & ~FLAGS_ALL:
             return Errno.EINVAL
         for flag, owner in _FLAG_OWNER:
             if flags & flag and command != owner:
                 return Errno.EINVAL
-        if flags & _FUA and not advertised & _SEND_FUA:
+        if flags & FLAG_FUA and not advertised & TF_SEND_FUA:
             return Errno.EINVAL
-        if flags & _DF and not session.structured_replies:
+        if flags & FLAG_DF and not session.structured_replies:
             return Errno.EINVAL
-        if flags & _FAST_ZERO and not advertised & _SEND_FAST_ZERO:
+        if flags & FLAG_FAST_ZERO and not advertised & TF_SEND_FAST_ZERO:
             return Errno.EINVAL
-    if command <= _WRITE and length > session.max_payload:
+    if command <= CMD_WRITE and length > session.max_payload:
         return Errno.EINVAL
     needed = _NEEDS.get(command)
     if needed is not None and not advertised & needed:
         return Errno.EINVAL
-    if command == _BLOCK_STATUS and not session.base_allocation:
+    if command == CMD_BLOCK_STATUS and not session.base_allocation:
         return Errno.EINVAL
     return None
 
@@ -159,6 +149,12 @@ class RequestBuffer:
     A WRITE longer than ``max_payload`` is not buffered: its payload is discarded as it
     arrives (the request is still returned, with payload None, so that it can be answered
     with an error) and the stream stays in step.
+
+    Payload views stay valid until the next :meth:`space`, which may reuse the memory. A
+    caller that keeps views longer (the engine's writer thread writes from them) **pins**
+    the buffer: it then never starts over at its beginning, and :meth:`would_move` says when
+    the next :meth:`space` would overwrite or move bytes anyway; before that, the caller
+    :meth:`swap` s in fresh storage and keeps the old one for as long as its views are in use.
     """
 
     def __init__(self, max_payload: int, capacity: int = 4 * 1024 * 1024) -> None:
@@ -168,6 +164,7 @@ class RequestBuffer:
         self._start = 0
         self._end = 0
         self._discard = 0
+        self._pinned = False
 
     @property
     def pending(self) -> int:
@@ -185,26 +182,42 @@ class RequestBuffer:
         return self._start == self._end and not self._discard
 
     @property
-    def room(self) -> int:
-        """Bytes that can still be received behind what is buffered, without moving it."""
-        return len(self._buf) - self._end
+    def capacity(self) -> int:
+        """The size of the storage received into."""
+        return len(self._buf)
 
     @property
-    def storage(self) -> bytearray:
-        """The memory the buffer receives into (and payload views point into)."""
-        return self._buf
+    def pinned(self) -> bool:
+        """Payload views handed out must stay valid until :meth:`unpin` or :meth:`swap`."""
+        return self._pinned
 
-    def would_move(self, keep: bool = False) -> bool:
-        """True if the next :meth:`space` (with the same ``keep``) would overwrite or move
-        bytes already received, invalidating payload views handed out earlier."""
-        if self._start == self._end and not keep:
+    def pin(self) -> None:
+        self._pinned = True
+
+    def unpin(self) -> None:
+        """Whoever held the payload views is done with them: the memory may be reused."""
+        self._pinned = False
+
+    def would_move(self) -> bool:
+        """True if the next :meth:`space` would overwrite or move bytes already received,
+        invalidating payload views handed out earlier."""
+        if self._start == self._end and not self._pinned:
             return self._start != 0
         return len(self._buf) - self._start < self._wanted()
 
+    def better_swapped(self) -> bool:
+        """Pinned, and fresh storage now saves a copy later: the next receive would move
+        received bytes, or the buffer is between requests with over half of it used (fresh
+        storage costs no copy now, where a long request straddling the end later would have
+        to be moved)."""
+        if not self._pinned:
+            return False
+        return self.would_move() or (self.idle and self._end > len(self._buf) // 2)
+
     def swap(self, fresh: bytearray) -> bytearray:
-        """Go on in ``fresh`` (what is pending moves over) and return the old storage, which
-        the buffer never touches again: payload views into it stay valid for as long as
-        their holder needs them (a thread still writing them)."""
+        """Go on in ``fresh`` (what is pending moves over, and the buffer is unpinned) and
+        return the old storage, which the buffer never touches again: payload views into it
+        stay valid for as long as their holder needs them (a thread still writing them)."""
         old = self._buf
         pending = self.pending
         if len(fresh) < pending:
@@ -216,14 +229,15 @@ class RequestBuffer:
         self._view = memoryview(fresh)
         self._start = 0
         self._end = pending
+        self._pinned = False
         return old
 
-    def space(self, keep: bool = False) -> memoryview:
+    def space(self) -> memoryview:
         """Where to receive into next; invalidates earlier payload views if
         :meth:`would_move` says so. Once everything received has been taken, the buffer
-        starts over at its beginning, unless ``keep`` asks to go on after the payloads that
-        are still in use."""
-        if self._start == self._end and not keep:
+        starts over at its beginning, unless it is pinned: then it goes on behind the
+        payloads that are still in use."""
+        if self._start == self._end and not self._pinned:
             self._start = self._end = 0
         needed = self._wanted()
         if len(self._buf) - self._start < needed:
@@ -262,7 +276,7 @@ class RequestBuffer:
         if self.pending < REQUEST_SIZE:
             return REQUEST_SIZE
         _, _, command, _, _, length = REQUEST_HEADER.unpack_from(self._buf, self._start)
-        if command == _WRITE and length <= self._max_payload:
+        if command == CMD_WRITE and length <= self._max_payload:
             return REQUEST_SIZE + int(length)
         return REQUEST_SIZE
 
@@ -274,7 +288,7 @@ class RequestBuffer:
         magic, flags, command, cookie, offset, length = REQUEST_HEADER.unpack_from(self._buf, start)
         if magic != REQUEST_MAGIC:
             raise ProtocolError(f"bad request magic {magic:#x}")
-        if command != _WRITE:
+        if command != CMD_WRITE:
             self._start = start + REQUEST_SIZE
             return command, flags, cookie, offset, length, None
         if length > self._max_payload:

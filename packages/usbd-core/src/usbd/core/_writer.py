@@ -1,18 +1,38 @@
-"""A connection's writer thread: WRITEs that could not be done on the event loop, in order.
+"""Write-behind: the WRITEs a ``try_write`` left, written by a thread while the loop receives.
 
 A file's buffered writes are quick but may block (ext4 will not even try ``RWF_NOWAIT``), so
 they must leave the event loop. A worker-thread call per request costs more than the write,
 and a call per batch that the loop waits for leaves the loop unable to receive while the
-thread writes, and the thread idle while the loop receives. This thread runs for the life of
-the connection instead: the loop queues a batch and goes back to receiving, and each round
-the thread takes everything queued since the last one, so rounds grow when writes are slow
-and one hand-off back to the loop covers them all.
+thread writes, and the thread idle while the loop receives. A connection's
+:class:`WriteBehind` runs one thread for the life of the connection instead: the loop hands
+it a batch and goes back to receiving, and each round the thread takes everything handed
+over since the last one, so rounds grow when writes are slow and one hand-off back covers
+them all.
 
-Handing a round back through the trio token costs the loop a wake-up, a task switch and a
-drain of trio's wake-up socket, as much as a request. While the loop is busy receiving it
-looks at :attr:`Writer.finished` itself before it next waits, and says so in
-:attr:`Writer.loop_busy`; the thread then only queues the round. Both sides write their own
-flag or queue first and read the other's second, so one of them always sees the round.
+The object owns the whole mechanism, so the request loop only calls it at a few points:
+
+* :meth:`defer` a write (or the rest of one) and :meth:`submit` the batch before anything
+  else is dispatched, so that writes stay in the order received and a FLUSH that follows
+  waits for them (:meth:`unfinished_before`);
+* :meth:`collect` finished rounds between receives: their replies go to the connection's
+  queue of replies;
+* :meth:`pause` when the loop is about to wait and :meth:`resume` when it runs again;
+* :meth:`make_room` before each receive, and :meth:`drain` / :meth:`aclose` at the end.
+
+**Buffers.** Payloads are not copied: the thread writes from views into the connection's
+:class:`~usbd.core.RequestBuffer`, which is pinned while a batch points into it. When the
+next receive would overwrite such bytes, a spare buffer takes its place and the old one is
+kept until the batches pointing into it are written. At most :data:`MAX_BUFFERS` exist per
+connection, so a writer that falls behind stops the reading: backpressure.
+
+**Waking the loop.** Handing a round back through the trio token costs the loop a wake-up,
+a task switch and a drain of trio's wake-up socket, as much as a request. While the loop is
+running it collects rounds itself before it next waits, so the thread only queues them. The
+handshake that makes this safe lives in two places only, each writing its own side first
+and reading the other side second, so that one of them always sees a finished round: the
+thread (queue the round, then read the loop's flag) and :meth:`pause` (clear the flag, then
+collect). Whatever :meth:`collect` takes while the loop waits is sent by this object's own
+sender task (:meth:`run_sender`), since the loop is not there to send it.
 """
 
 from __future__ import annotations
@@ -20,51 +40,216 @@ from __future__ import annotations
 import collections
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Final
 
 import trio
 
-__all__ = ["Batch", "Finished", "Writer"]
+from ._device import BytesLike
+from ._transmission import RequestBuffer
 
-#: One queued batch: its sequence number and (cookie, offset, data) per WRITE.
-Batch = tuple[int, list[tuple[int, int, memoryview]]]
+__all__ = ["MAX_BUFFERS", "WriteBehind"]
+
+#: Receive buffers a connection may have at once while the thread still writes from the
+#: payloads in them (the one being received into included).
+MAX_BUFFERS: Final = 4
+
+#: One deferred WRITE: (cookie, offset, data).
+_Write = tuple[int, int, memoryview]
+#: A batch handed to the thread: its sequence number and its writes.
+_Batch = tuple[int, list[_Write]]
 #: A batch written: the batch and each write's exception (None when it succeeded).
-Finished = tuple[int, list[tuple[int, int, memoryview]], list[Exception | None]]
+_Finished = tuple[int, list[_Write], list[Exception | None]]
 
 
-class Writer:
-    """Write batches in a thread of its own, in the order queued.
+class WriteBehind:
+    """One connection's writer thread and everything it holds.
 
-    Finished batches go to :attr:`finished`, in order; unless :attr:`loop_busy` is set,
-    ``poke`` is then called on the event loop's thread (through the trio token) to take them.
-    It must not raise.
+    ``write`` is the device's write (called in the thread, one write at a time, in order);
+    ``buffer`` the connection's receive buffer; ``out`` its queue of replies, to which
+    ``reply(cookie, error)`` adds each write's reply when its round is collected; ``send``
+    sends that queue (whoever is already sending picks up what was added); ``written`` is
+    called on the event loop after rounds were collected (a FLUSH may be waiting for them).
+    The thread starts with the first batch.
     """
 
     def __init__(
         self,
         write: Callable[[int, memoryview, bool], object],
-        poke: Callable[[], None],
+        buffer: RequestBuffer,
+        *,
+        out: list[BytesLike],
+        reply: Callable[[int, Exception | None], BytesLike],
+        send: Callable[[], Awaitable[None]],
+        written: Callable[[], None],
         name: str,
     ) -> None:
         self._write = write
-        self._poke = poke
-        #: Batches written, oldest first; the loop takes them (``popleft``).
-        self.finished: collections.deque[Finished] = collections.deque()
-        #: Set by the loop while it will look at :attr:`finished` before it next waits.
-        self.loop_busy = False
+        self._buffer = buffer
+        self._out = out
+        self._reply = reply
+        self._send = send
+        self._written = written
+        self._name = name
+        self._deferred: list[_Write] = []
+        self._unfinished: collections.deque[int] = collections.deque()  # submitted, in order
+        self._written_upto = -1  # sequence number of the last batch collected
+        self._lent = -1  # the last batch pointing into the buffer's current storage, or -1
+        self._retired: collections.deque[tuple[int, bytearray]] = collections.deque()
+        self._spares: list[bytearray] = []
+        self._buffers = 1
+        self._progress = trio.Event()  # set when rounds are collected
+        self._wake = trio.Event()  # the sender has replies to send
+        self._sender = trio.CancelScope()
+        # Shared with the thread: it appends to _finished, then reads _loop_busy.
+        self._finished: collections.deque[_Finished] = collections.deque()
+        self._loop_busy = True
+        self._queue: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
         self._token = trio.lowlevel.current_trio_token()
-        self._queue: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
-        # A daemon thread: a device that hangs in a write must not keep the process alive.
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
 
-    def submit(self, seq: int, writes: list[tuple[int, int, memoryview]]) -> None:
-        self._queue.put((seq, writes))
+    # -- handing writes over ---------------------------------------------------------------
+
+    @property
+    def active(self) -> bool:
+        """Writes are deferred or being written: a later WRITE must follow them, in order."""
+        return bool(self._deferred or self._unfinished)
+
+    @property
+    def buffers(self) -> int:
+        """Receive buffers this connection has had at once (at most :data:`MAX_BUFFERS`)."""
+        return self._buffers
+
+    def defer(self, cookie: int, offset: int, data: memoryview) -> None:
+        """Leave a write (a view into the receive buffer) to the thread."""
+        self._deferred.append((cookie, offset, data))
+
+    def submit(self, seq: int) -> None:
+        """Hand the writes deferred so far to the thread as batch ``seq`` (if there are any);
+        until it is written, the receive buffer's bytes stay where they are."""
+        if not self._deferred:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self._name)
+            self._thread.start()
+        self._queue.put((seq, self._deferred))
+        self._deferred = []
+        self._unfinished.append(seq)
+        self._lent = seq
+        self._buffer.pin()
+
+    def unfinished_before(self, seq: int) -> bool:
+        """True while a batch handed over before request ``seq`` is not written yet."""
+        return bool(self._unfinished) and self._unfinished[0] < seq
+
+    # -- the loop's side of the hand-back --------------------------------------------------
+
+    def resume(self) -> None:
+        """The loop runs again: it will :meth:`collect` before it next waits."""
+        self._loop_busy = True
+
+    def pause(self) -> None:
+        """The loop is about to wait: from now on the thread wakes it for finished rounds.
+        Clearing the flag first and collecting second is half of the handshake; the sender
+        sends what was collected, since the loop will not."""
+        self._loop_busy = False
+        self._poked()
+
+    def collect(self) -> bool:
+        """On the event loop: take in the rounds the thread finished, queue their replies,
+        and give back the buffers nothing points into any more. True if there were any."""
+        finished = self._finished
+        if not finished:
+            return False
+        out, reply, unfinished = self._out, self._reply, self._unfinished
+        last = -1
+        for _ in range(len(finished)):
+            last, writes, results = finished.popleft()
+            for (cookie, _, _), error in zip(writes, results, strict=True):
+                out.append(reply(cookie, error))
+            unfinished.popleft()
+        self._written_upto = last
+        while self._retired and self._retired[0][0] <= last:
+            self._spares.append(self._retired.popleft()[1])
+        self._progress.set()
+        self._written()
+        return True
+
+    def _poked(self) -> None:
+        """On the event loop while the loop waits (called from the thread, or by
+        :meth:`pause`): collect, and have the sender send the replies."""
+        if self.collect():
+            self._wake.set()
+
+    async def run_sender(self) -> None:
+        """Send the replies of rounds collected while the loop waits, until :meth:`drain`
+        (or the connection's nursery) ends it."""
+        with self._sender:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                await self._send()
+
+    # -- buffers ---------------------------------------------------------------------------
+
+    async def make_room(self) -> None:
+        """Before a receive: make sure it cannot overwrite bytes the thread still needs.
+
+        Once the thread is done with the buffer it is reused in place; before the buffer
+        would move or overwrite what it still needs, a spare takes its place (waiting for one
+        if the thread holds them all)."""
+        buffer = self._buffer
+        if self._lent < 0:
+            return
+        if self._lent <= self._written_upto:
+            buffer.unpin()
+            self._lent = -1
+        elif buffer.better_swapped():
+            spare = await self._spare(buffer.capacity)
+            self._retired.append((self._lent, buffer.swap(spare)))
+            self._lent = -1
+
+    async def _spare(self, size: int) -> bytearray:
+        while not self._spares:
+            if self._buffers < MAX_BUFFERS:
+                self._buffers += 1
+                return bytearray(size)
+            await self._wait_for_progress()
+        return self._spares.pop()
+
+    async def _wait_for_progress(self) -> None:
+        """Wait until the thread finishes a round (the loop waits: it must be woken)."""
+        self._progress = trio.Event()
+        self.pause()
+        if not self._progress.is_set():
+            await self._send()  # what was collected so far: the client may be waiting for it
+            await self._progress.wait()
+        self.resume()
+
+    # -- the end ---------------------------------------------------------------------------
+
+    async def drain(self) -> None:
+        """At the end of the stream: wait until every batch handed over is written, send
+        the replies, and stop the sender (nothing is left for it to send)."""
+        while self._unfinished:
+            await self._wait_for_progress()
+        await self._send()
+        self._sender.cancel()
 
     async def aclose(self) -> None:
-        """Let the thread write what is queued, then wait for it to end."""
-        self._queue.put(None)
-        await trio.to_thread.run_sync(self._thread.join)
+        """Write whatever is still deferred (the connection may have ended on an error
+        before it could submit) and everything queued, end the thread and let the buffers
+        go. Waits for the thread: a device that hangs in a write keeps the connection from
+        ending, as a hung worker thread would."""
+        self.submit(self._written_upto + len(self._unfinished) + 1)
+        if self._thread is not None:
+            self._queue.put(None)
+            await trio.to_thread.run_sync(self._thread.join)
+            self._thread = None
+        self._spares.clear()
+        self._retired.clear()
+
+    # -- the thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
         get, get_nowait, write = self._queue.get, self._queue.get_nowait, self._write
@@ -75,7 +260,7 @@ class Writer:
                     batches.append(get_nowait())
                 except queue.Empty:
                     break
-            finished: list[Finished] = []
+            finished: list[_Finished] = []
             for batch in batches:
                 if batch is None:
                     break
@@ -90,8 +275,9 @@ class Writer:
                         results.append(None)
                 finished.append((seq, writes, results))
             if finished:
-                self.finished.extend(finished)
-                if not self.loop_busy:
-                    self._token.run_sync_soon(self._poke)
+                # The thread's half of the handshake: queue the round, then read the flag.
+                self._finished.extend(finished)
+                if not self._loop_busy:
+                    self._token.run_sync_soon(self._poked)
             if len(finished) < len(batches):  # the end was queued
                 return
