@@ -968,3 +968,16 @@ async def test_disc_answers_reads_still_in_worker_threads_with_a_writer() -> Non
                     assert await client.recv_exactly(3) == bytes(3)
             assert replies == {1: 0, 2: 0}
             assert await client.closed_by_server()
+
+
+async def test_writes_deferred_when_the_stream_breaks_are_still_written_then_flushed() -> None:
+    """A bad request right behind declined writes, in the same batch: the connection closes
+    before the batch was handed over, and the writes are still written, then flushed."""
+    device = DeclinedWrites()
+    data = b"".join(request(WRITE, i, i * 512, 4) + b"%04d" % i for i in range(3))
+    with trio.fail_after(10):
+        async with seam(device) as (client, _):
+            await client.send(data + b"\xff" * 28)
+            assert await client.closed_by_server()
+    assert [what for what, _ in device.order] == ["write 0", "write 512", "write 1024", "flush"]
+    assert bytes(device.data[1024:1028]) == b"0002"

@@ -6,7 +6,11 @@ implements (a device without ``write`` is read-only, one without ``trim`` gets n
 requests, and so on). A request for a capability that was not advertised never reaches it.
 
 Execution model. The methods are plain functions or ``async def`` coroutines, the same choice
-for all of them:
+for all of them; with :attr:`Device.blocking` and :attr:`Device.parallel` that makes one of the
+modes in :class:`~usbd.core.Execution` (the table is in ``usbd.core._execution`` and
+docs/writing-a-device.md), resolved and checked when the :class:`~usbd.core.Export` is built:
+a device that mixes the two kinds, or offers ``try_read``/``try_write`` where they would never
+be called, is refused there with a TypeError saying what to change.
 
 * Async methods run on the event loop; the engine runs many of them at once, each request in
   its own task (serialised by a lock when :attr:`Device.parallel` is false).
@@ -104,7 +108,9 @@ class Device:
     fua: ClassVar[Fua] = Fua.EMULATE
 
     def read(self, offset: int, length: int) -> BytesLike:
-        """Return exactly ``length`` bytes from ``offset``: bytes, bytearray or memoryview."""
+        """Return exactly ``length`` bytes from ``offset``: bytes, bytearray or a contiguous
+        buffer (a memoryview of another format is sent as its bytes). Anything else, or
+        another length, fails that request with EIO (and a log line naming the mistake)."""
         raise NotImplementedError
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
@@ -143,7 +149,9 @@ class Device:
     def try_read(self, offset: int, length: int) -> BytesLike | None:
         """For a blocking, parallel device: the read, if it can be done at once without
         blocking (the data is in the page cache), else None, and the engine calls :meth:`read`
-        in a worker thread. Called on the event loop: it must never block. Optional."""
+        in a worker thread. Called on the event loop: it must never block. Asked for at most
+        1 MiB (a copy on the event loop holds up every other connection); longer reads go to
+        a thread at once. Optional."""
         raise NotImplementedError
 
     def try_write(self, offset: int, data: memoryview) -> int:
@@ -152,7 +160,8 @@ class Device:
         with :meth:`write` in the connection's writer thread, which writes such rests in the
         order received while the connection goes on receiving: offering this method says that
         writes are usually quick (a file's page cache). Called on the event loop: it must
-        never block. Optional."""
+        never block. A count outside 0..len(data) fails the write with EIO. Needs
+        :meth:`write`. Optional."""
         raise NotImplementedError
 
     def close(self) -> None:

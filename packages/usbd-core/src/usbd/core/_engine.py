@@ -147,7 +147,7 @@ class Connection:
         self.transport.close()
         with trio.CancelScope(shield=True):
             if self._behind is not None:  # it writes what it holds before the flush below
-                await self._behind.aclose()
+                await self._behind.aclose(self._next_seq())
             if self._dirty and not self.export.closed:
                 try:
                     await self.export.flush()

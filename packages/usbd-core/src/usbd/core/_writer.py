@@ -236,12 +236,12 @@ class WriteBehind:
         await self._send()
         self._sender.cancel()
 
-    async def aclose(self) -> None:
-        """Write whatever is still deferred (the connection may have ended on an error
-        before it could submit) and everything queued, end the thread and let the buffers
-        go. Waits for the thread: a device that hangs in a write keeps the connection from
-        ending, as a hung worker thread would."""
-        self.submit(self._written_upto + len(self._unfinished) + 1)
+    async def aclose(self, seq: int) -> None:
+        """Write whatever is still deferred (as batch ``seq``: the connection may have ended
+        on an error before it could submit) and everything queued, end the thread and let
+        the buffers go. Waits for the thread: a device that hangs in a write keeps the
+        connection from ending, as a hung worker thread would."""
+        self.submit(seq)
         if self._thread is not None:
             self._queue.put(None)
             await trio.to_thread.run_sync(self._thread.join)
