@@ -981,3 +981,29 @@ async def test_writes_deferred_when_the_stream_breaks_are_still_written_then_flu
             assert await client.closed_by_server()
     assert [what for what, _ in device.order] == ["write 0", "write 512", "write 1024", "flush"]
     assert bytes(device.data[1024:1028]) == b"0002"
+
+
+async def test_an_unexpected_error_ends_that_connection_only_and_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug (here: the transport's send raising something that is not a peer's doing) must
+    not escape serve(), where it would take the server's nursery and every connection down:
+    it is logged and this connection closes."""
+    device = MemDevice()
+    server_sock, client_sock = trio.socket.socketpair()
+    export = Export(device)
+    connection = Connection(SocketTransport(server_sock), export, session_for(export))
+
+    async def broken_send(chunks: object) -> None:
+        raise RuntimeError("a bug in the engine")
+
+    connection.transport.send = broken_send  # type: ignore[method-assign]
+    client = RawClient(trio.SocketStream(client_sock))
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.serve)  # returns instead of raising
+            await client.send(request(READ, 1, 0, 4))
+            assert await client.closed_by_server()
+    await client.aclose()
+    assert "closing on an unexpected error" in caplog.text
+    assert "a bug in the engine" in caplog.text
