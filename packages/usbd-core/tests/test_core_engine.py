@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import array
 import errno
+import gc
+import socket
 import threading
 import time
+import types
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,7 @@ from core_helpers import (
     WRITE,
     WRITE_ZEROES,
     AsyncMemDevice,
+    Closed,
     FailingDevice,
     GatedDevice,
     MemDevice,
@@ -50,6 +55,7 @@ from core_helpers import (
     wait_until,
 )
 
+import usbd.core._writer as writer_module
 from usbd.core import Connection, Device, DeviceError, Export, SocketTransport, session_for
 
 ESHUTDOWN = 108
@@ -675,6 +681,9 @@ async def test_payloads_stay_intact_while_the_writer_is_behind_and_buffers_stay_
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(connection.serve)
+            await wait_until(lambda: connection._behind is not None)
+            behind = connection._behind
+            assert behind is not None
 
             async def send_all() -> None:
                 for i, payload in enumerate(payloads):
@@ -688,7 +697,8 @@ async def test_payloads_stay_intact_while_the_writer_is_behind_and_buffers_stay_
             assert replies == {i: ENOSPC if i == 7 else 0 for i in range(count)}
             await client.send(request(DISC))
     await client.aclose()
-    assert connection._behind is not None and connection._behind.buffers <= 4
+    assert behind.buffers <= 4
+    assert connection._behind is None  # let go at the end, with its buffers
     for i, payload in enumerate(payloads):
         if i != 7:
             assert device.data[i * chunk : (i + 1) * chunk] == payload, i
@@ -1007,3 +1017,202 @@ async def test_an_unexpected_error_ends_that_connection_only_and_is_logged(
     await client.aclose()
     assert "closing on an unexpected error" in caplog.text
     assert "a bug in the engine" in caplog.text
+
+
+# -- found by review of the write-behind object ---------------------------------------
+
+
+class GatedDeclined(ThreadedMemDevice):
+    """Every WRITE goes to the writer thread, which waits for the test's go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = threading.Event()
+
+    def try_write(self, offset: int, data: memoryview) -> int:
+        return 0
+
+    def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        assert self.go.wait(10)
+        super().write(offset, data, fua)
+
+
+@pytest.mark.parametrize("end", ["disc", "eof"])
+async def test_a_reply_the_sender_is_sending_survives_the_end_of_the_stream(end: str) -> None:
+    """The writer finishes a WRITE while the loop waits: the sender task sends its reply. The
+    peer is slow to read at that moment (its receive window is full: simulated by a send that
+    waits), and meanwhile it sends DISC (or half-closes). The sender must not be cancelled in
+    the middle of that send: the reply would be lost (or, on a real socket, cut in half)."""
+    device = GatedDeclined()
+    server_sock, client_sock = trio.socket.socketpair()
+    export = Export(device)
+    connection = Connection(SocketTransport(server_sock), export, session_for(export))
+    real_send = connection.transport.send
+    stalled = trio.Event()
+    release = trio.Event()
+
+    async def slow_peer_send(chunks: object) -> None:
+        if not release.is_set():
+            stalled.set()
+            await release.wait()  # wait_writable on a full socket, in effect
+        await real_send(chunks)  # type: ignore[arg-type]
+
+    connection.transport.send = slow_peer_send  # type: ignore[method-assign]
+    client = RawClient(trio.SocketStream(client_sock))
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.serve)
+            await client.send(request(WRITE, 1, 0, 4) + b"abcd")
+            await trio.sleep(0.05)  # the loop is waiting for the client now
+            device.go.set()
+            await stalled.wait()  # the sender task is sending the WRITE's reply
+            if end == "disc":
+                await client.send(request(DISC, 2))
+            else:
+                client_sock.shutdown(trio.socket.SHUT_WR)
+            await trio.sleep(0.1)
+            release.set()  # the peer reads again
+            try:
+                reply = await client.simple_reply()
+            except Closed:
+                reply = None
+    await client.aclose()
+    assert bytes(device.data[:4]) == b"abcd"  # written...
+    assert reply == (0, 1)  # ...but is it answered?
+
+
+class Declined(ThreadedMemDevice):
+    def try_write(self, offset: int, data: memoryview) -> int:
+        return 0
+
+
+@pytest.mark.parametrize("device_type", [MemDevice, Declined])
+async def test_a_finished_connection_is_freed_without_the_cycle_collector(
+    device_type: type,
+) -> None:
+    """A connection lets go of its buffers (4 MiB, up to 32 MiB after a long WRITE) as it
+    ends, not when the cycle collector finds them: the connection and its WriteBehind refer
+    to each other until the end breaks the cycle."""
+    device = device_type()
+    server_sock, client_sock = trio.socket.socketpair()
+    export = Export(device)
+    connection = Connection(SocketTransport(server_sock), export, session_for(export))
+    client = RawClient(trio.SocketStream(client_sock))
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.serve)
+            await client.send(request(WRITE, 1, 0, 4) + b"abcd")
+            await client.simple_reply()
+            await client.send(request(DISC, 2))
+            assert await client.closed_by_server()
+    await client.aclose()
+    server_sock.close()
+    gc.collect()
+    gc.disable()
+    try:
+        ref = weakref.ref(connection)
+        del connection
+        alive = ref() is not None
+    finally:
+        gc.enable()
+    assert not alive
+
+
+class OneAtATime(ThreadedMemDevice):
+    """Every WRITE goes to the writer thread, which writes one per release by the test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.permits = threading.Semaphore(0)
+
+    def try_write(self, offset: int, data: memoryview) -> int:
+        return 0
+
+    def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        assert self.permits.acquire(timeout=10)
+        super().write(offset, data, fua)
+
+
+async def test_every_write_is_answered_when_disc_arrives_while_the_sender_is_blocked() -> None:
+    """The same with a real socket and no wrapper: a client that is not reading for a moment
+    (its receive window full: here a small SO_SNDBUF on the server side so that a few
+    replies fill it), then sends DISC and reads everything. Every WRITE was written, so
+    every WRITE must be answered before the server closes."""
+    device = OneAtATime()
+    server_sock, client_sock = trio.socket.socketpair()
+    export = Export(device)
+    connection = Connection(SocketTransport(server_sock), export, session_for(export))
+    connection.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
+    client = RawClient(trio.SocketStream(client_sock))
+    count = 40
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.serve)
+            for i in range(count):  # a batch and a round each, finished while the loop waits
+                await client.send(request(WRITE, i, i * 4, 4) + b"%04d" % i)
+                await trio.sleep(0.002)
+                device.permits.release()
+                await trio.sleep(0.002)
+            await trio.sleep(0.1)
+            sender_blocked = connection._sending
+            await client.send(request(DISC, 999))
+            await trio.sleep(0.2)
+            cookies = []
+            try:
+                while True:
+                    cookies.append((await client.simple_reply())[1])
+            except Closed:
+                pass
+    await client.aclose()
+    assert sender_blocked  # the sender was stuck in a send when DISC came
+    assert all(device.data[i * 4 : i * 4 + 4] == b"%04d" % i for i in range(count))
+    assert sorted(cookies) == list(range(count)), f"{count - len(cookies)} replies lost"
+
+
+async def test_a_writer_thread_that_cannot_start_does_not_make_serve_raise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Thread.start failing (RuntimeError: can't start new thread, under a thread limit)
+    ends that connection; serve() does not raise (it would take the server down), and
+    nothing tries to join a thread that never started."""
+
+    class NoStart(threading.Thread):
+        def start(self) -> None:
+            raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(writer_module, "threading", types.SimpleNamespace(Thread=NoStart))
+    device = Declined()
+    server_sock, client_sock = trio.socket.socketpair()
+    export = Export(device)
+    connection = Connection(SocketTransport(server_sock), export, session_for(export))
+    client = RawClient(trio.SocketStream(client_sock))
+    raised: list[BaseException] = []
+
+    async def serve() -> None:
+        try:
+            await connection.serve()
+        except BaseException as exc:
+            raised.append(exc)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            await client.send(request(WRITE, 1, 0, 4) + b"abcd")
+            assert await client.closed_by_server()
+    await client.aclose()
+    assert raised == [], raised
+
+
+class ExitingWrite(Declined):
+    def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        raise SystemExit("a device that calls sys.exit in a write")
+
+
+async def test_a_write_raising_a_base_exception_in_the_writer_thread_is_an_error_reply() -> None:
+    """Not only Exception: whatever a write raises is that write's error reply, so that the
+    batch is reported and the end of the connection does not wait for it forever."""
+    device = ExitingWrite()
+    with trio.fail_after(10):
+        async with seam(device) as (client, _):
+            assert await client.write(0, b"abcd") == errno.EIO
+            assert await client.read(0, 4) == bytes(4)

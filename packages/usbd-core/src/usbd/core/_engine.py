@@ -122,7 +122,7 @@ class Connection:
                         self.export.device.write,
                         self._buffer,
                         out=self._out,
-                        reply=self._write_reply,
+                        error_reply=self._write_error,
                         send=self._send_pending,
                         written=self._writes_done,
                         name=f"{self.name} writer",
@@ -148,6 +148,9 @@ class Connection:
         with trio.CancelScope(shield=True):
             if self._behind is not None:  # it writes what it holds before the flush below
                 await self._behind.aclose(self._next_seq())
+                # It and the connection refer to each other: let the buffers go now, not
+                # when a garbage collection finds the cycle.
+                self._behind = None
             if self._dirty and not self.export.closed:
                 try:
                     await self.export.flush()
@@ -216,7 +219,8 @@ class Connection:
                         try:
                             done = write(offset, payload, False)
                             if behind is not None and done != length:  # the rest goes behind
-                                done = check_written(done, length)
+                                # 0, the usual miss, needs no checking
+                                done = check_written(done, length) if done else 0
                                 behind.defer(cookie, offset + done, payload[done:])
                                 continue
                         except Exception as exc:
@@ -241,7 +245,7 @@ class Connection:
     ) -> bool:
         """The general path, for every request the fast path did not take; False on DISC."""
         behind = self._behind
-        if behind is not None:  # writes deferred so far come first (a FLUSH waits for them)
+        if behind is not None and behind.deferred:  # they come first (a FLUSH waits for them)
             behind.submit(self._next_seq())
         if command == CMD_DISC:
             log.debug("%s: client sent DISC", self.name)
@@ -290,7 +294,8 @@ class Connection:
         False at the end of the stream."""
         buffer, out, behind, transport = self._buffer, self._out, self._behind, self.transport
         if behind is not None:
-            behind.submit(self._next_seq())
+            if behind.deferred:
+                behind.submit(self._next_seq())
             behind.collect()
             await behind.make_room()
         if self._held and not buffer.discarding:
@@ -327,8 +332,8 @@ class Connection:
         self._seq += 1
         return seq
 
-    def _write_reply(self, cookie: int, error: Exception | None) -> bytes:
-        return simple_reply(cookie) if error is None else self._error(cookie, CMD_WRITE, error)
+    def _write_error(self, cookie: int, error: Exception) -> bytes:
+        return self._error(cookie, CMD_WRITE, error)
 
     async def _task(
         self,

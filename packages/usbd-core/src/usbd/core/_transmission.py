@@ -222,8 +222,8 @@ class RequestBuffer:
         pending = self.pending
         if len(fresh) < pending:
             fresh = bytearray(len(old))
-        # Through a memoryview, which copies overlapping bytes correctly: ``fresh`` may be
-        # the old storage itself, given back by a writer that finished in the meantime.
+        # Through a memoryview, which copies overlapping bytes correctly should ``fresh``
+        # be the storage in use itself (bytearray slice assignment would memcpy them).
         memoryview(fresh)[:pending] = self._view[self._start : self._end]
         self._buf = fresh
         self._view = memoryview(fresh)

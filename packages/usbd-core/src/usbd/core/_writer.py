@@ -38,6 +38,7 @@ sender task (:meth:`run_sender`), since the loop is not there to send it.
 from __future__ import annotations
 
 import collections
+import logging
 import queue
 import threading
 from collections.abc import Awaitable, Callable
@@ -46,9 +47,12 @@ from typing import Final
 import trio
 
 from ._device import BytesLike
-from ._transmission import RequestBuffer
+from ._execution import ContractError
+from ._transmission import RequestBuffer, simple_reply
 
 __all__ = ["MAX_BUFFERS", "WriteBehind"]
+
+log = logging.getLogger("usbd.core.engine")
 
 #: Receive buffers a connection may have at once while the thread still writes from the
 #: payloads in them (the one being received into included).
@@ -66,8 +70,9 @@ class WriteBehind:
     """One connection's writer thread and everything it holds.
 
     ``write`` is the device's write (called in the thread, one write at a time, in order);
-    ``buffer`` the connection's receive buffer; ``out`` its queue of replies, to which
-    ``reply(cookie, error)`` adds each write's reply when its round is collected; ``send``
+    ``buffer`` the connection's receive buffer; ``out`` its queue of replies, to which each
+    write's reply is added when its round is collected (``error_reply(cookie, exc)`` for one
+    that failed); ``send``
     sends that queue (whoever is already sending picks up what was added); ``written`` is
     called on the event loop after rounds were collected (a FLUSH may be waiting for them).
     The thread starts with the first batch.
@@ -79,7 +84,7 @@ class WriteBehind:
         buffer: RequestBuffer,
         *,
         out: list[BytesLike],
-        reply: Callable[[int, Exception | None], BytesLike],
+        error_reply: Callable[[int, Exception], BytesLike],
         send: Callable[[], Awaitable[None]],
         written: Callable[[], None],
         name: str,
@@ -87,11 +92,14 @@ class WriteBehind:
         self._write = write
         self._buffer = buffer
         self._out = out
-        self._reply = reply
+        self._error_reply = error_reply
         self._send = send
         self._written = written
         self._name = name
         self._deferred: list[_Write] = []
+        #: Writes are deferred or being written: a later WRITE must follow them, in order.
+        #: (An attribute, not a property: the fast path reads it for every WRITE.)
+        self.active = False
         self._unfinished: collections.deque[int] = collections.deque()  # submitted, in order
         self._written_upto = -1  # sequence number of the last batch collected
         self._lent = -1  # the last batch pointing into the buffer's current storage, or -1
@@ -100,7 +108,7 @@ class WriteBehind:
         self._buffers = 1
         self._progress = trio.Event()  # set when rounds are collected
         self._wake = trio.Event()  # the sender has replies to send
-        self._sender = trio.CancelScope()
+        self._stopping = False  # the sender sends what is left and returns
         # Shared with the thread: it appends to _finished, then reads _loop_busy.
         self._finished: collections.deque[_Finished] = collections.deque()
         self._loop_busy = True
@@ -111,9 +119,9 @@ class WriteBehind:
     # -- handing writes over ---------------------------------------------------------------
 
     @property
-    def active(self) -> bool:
-        """Writes are deferred or being written: a later WRITE must follow them, in order."""
-        return bool(self._deferred or self._unfinished)
+    def deferred(self) -> bool:
+        """Writes are deferred and not yet handed over (:meth:`submit` has work)."""
+        return bool(self._deferred)
 
     @property
     def buffers(self) -> int:
@@ -123,6 +131,7 @@ class WriteBehind:
     def defer(self, cookie: int, offset: int, data: memoryview) -> None:
         """Leave a write (a view into the receive buffer) to the thread."""
         self._deferred.append((cookie, offset, data))
+        self.active = True
 
     def submit(self, seq: int) -> None:
         """Hand the writes deferred so far to the thread as batch ``seq`` (if there are any);
@@ -130,8 +139,11 @@ class WriteBehind:
         if not self._deferred:
             return
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=self._name)
-            self._thread.start()
+            # A daemon only so that the process can still exit should the event loop die
+            # without closing the connection; a connection's end always joins it (aclose).
+            thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            thread.start()  # RuntimeError if no thread can be had: this connection ends
+            self._thread = thread
         self._queue.put((seq, self._deferred))
         self._deferred = []
         self._unfinished.append(seq)
@@ -161,14 +173,15 @@ class WriteBehind:
         finished = self._finished
         if not finished:
             return False
-        out, reply, unfinished = self._out, self._reply, self._unfinished
+        out, error_reply, unfinished = self._out, self._error_reply, self._unfinished
         last = -1
         for _ in range(len(finished)):
             last, writes, results = finished.popleft()
             for (cookie, _, _), error in zip(writes, results, strict=True):
-                out.append(reply(cookie, error))
+                out.append(simple_reply(cookie) if error is None else error_reply(cookie, error))
             unfinished.popleft()
         self._written_upto = last
+        self.active = bool(self._deferred or unfinished)
         while self._retired and self._retired[0][0] <= last:
             self._spares.append(self._retired.popleft()[1])
         self._progress.set()
@@ -183,12 +196,12 @@ class WriteBehind:
 
     async def run_sender(self) -> None:
         """Send the replies of rounds collected while the loop waits, until :meth:`drain`
-        (or the connection's nursery) ends it."""
-        with self._sender:
-            while True:
-                await self._wake.wait()
-                self._wake = trio.Event()
-                await self._send()
+        says it is over: it is never cancelled in the middle of a send, which would lose
+        (or cut in half) the replies it had taken."""
+        while not self._stopping:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            await self._send()
 
     # -- buffers ---------------------------------------------------------------------------
 
@@ -201,12 +214,15 @@ class WriteBehind:
         buffer = self._buffer
         if self._lent < 0:
             return
+        if self._lent > self._written_upto and buffer.better_swapped():
+            spare = await self._spare(buffer.capacity)
+            if self._lent > self._written_upto:  # still in use: receive into the spare
+                self._retired.append((self._lent, buffer.swap(spare)))
+                self._lent = -1
+                return
+            self._spares.append(spare)  # the thread finished with it while we waited
         if self._lent <= self._written_upto:
             buffer.unpin()
-            self._lent = -1
-        elif buffer.better_swapped():
-            spare = await self._spare(buffer.capacity)
-            self._retired.append((self._lent, buffer.swap(spare)))
             self._lent = -1
 
     async def _spare(self, size: int) -> bytearray:
@@ -229,19 +245,23 @@ class WriteBehind:
     # -- the end ---------------------------------------------------------------------------
 
     async def drain(self) -> None:
-        """At the end of the stream: wait until every batch handed over is written, send
-        the replies, and stop the sender (nothing is left for it to send)."""
+        """At the end of the stream: wait until every batch handed over is written, then
+        have the sender send what is left and return (the connection's nursery waits for
+        it, so a send it is in the middle of completes)."""
         while self._unfinished:
             await self._wait_for_progress()
-        await self._send()
-        self._sender.cancel()
+        self._stopping = True
+        self._wake.set()
 
     async def aclose(self, seq: int) -> None:
         """Write whatever is still deferred (as batch ``seq``: the connection may have ended
         on an error before it could submit) and everything queued, end the thread and let
         the buffers go. Waits for the thread: a device that hangs in a write keeps the
         connection from ending, as a hung worker thread would."""
-        self.submit(seq)
+        try:
+            self.submit(seq)
+        except RuntimeError as exc:  # no thread: these writes were never acknowledged
+            log.error("%s: %d writes not written: %s", self._name, len(self._deferred), exc)  # noqa: TRY400
         if self._thread is not None:
             self._queue.put(None)
             await trio.to_thread.run_sync(self._thread.join)
@@ -271,6 +291,8 @@ class WriteBehind:
                         write(offset, data, False)
                     except Exception as exc:
                         results.append(exc)
+                    except BaseException as exc:  # reported like any failure: never lost
+                        results.append(ContractError(f"device write raised {exc!r}"))
                     else:
                         results.append(None)
                 finished.append((seq, writes, results))
