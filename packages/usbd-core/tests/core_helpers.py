@@ -416,6 +416,18 @@ async def wait_until(predicate: Callable[[], bool]) -> None:
         await trio.sleep(0.005)
 
 
+def connected(device: Device, **connection_kw: Any) -> tuple[Connection, RawClient]:
+    """A Connection (not yet serving) on one end of a socketpair, as the kernel would get it
+    (no handshake, simple replies only), and a raw client on the other end: for tests that
+    run ``serve`` themselves or reach into the connection."""
+    server_sock, client_sock = trio.socket.socketpair()
+    export = Export(device)
+    connection = Connection(
+        SocketTransport(server_sock), export, session_for(export), **connection_kw
+    )
+    return connection, RawClient(trio.SocketStream(client_sock))
+
+
 @asynccontextmanager
 async def seam(
     device: Device, *, max_in_flight: int = 64 << 20, initial: bytes = b"", **export_kw: Any

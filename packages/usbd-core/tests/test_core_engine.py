@@ -14,6 +14,7 @@ import threading
 import time
 import types
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,9 @@ from core_helpers import (
     FailingDevice,
     GatedDevice,
     MemDevice,
-    RawClient,
     ThreadedFailingDevice,
     ThreadedMemDevice,
+    connected,
     request,
     seam,
     serving,
@@ -56,7 +57,7 @@ from core_helpers import (
 )
 
 import usbd.core._writer as writer_module
-from usbd.core import Connection, Device, DeviceError, Export, SocketTransport, session_for
+from usbd.core import Device, DeviceError, Export, session_for
 
 ESHUTDOWN = 108
 
@@ -84,9 +85,20 @@ async def test_bytes_received_during_a_handshake_are_served_first() -> None:
             assert await client.read(1, 2) == b"bc"
 
 
-@pytest.mark.parametrize("device_type", [MemDevice, ThreadedMemDevice, AsyncMemDevice])
-async def test_disc_drains_then_closes(device_type: type[Device]) -> None:
-    device = device_type()
+@pytest.mark.parametrize(
+    "make",
+    [
+        MemDevice,
+        ThreadedMemDevice,
+        AsyncMemDevice,
+        # With a writer thread, and a READ still in a worker thread when DISC arrives: the
+        # end of the stream waits for the writer, then for the requests still in tasks.
+        lambda: SlowThreadReadsDeclinedWrites(),  # noqa: PLW0108 (defined further down)
+    ],
+    ids=["inline", "threads", "async", "write-behind"],
+)
+async def test_disc_drains_then_closes(make: Callable[[], Device]) -> None:
+    device = make()
     with trio.fail_after(10):
         async with seam(device) as (client, _):
             await client.send(
@@ -674,10 +686,7 @@ async def test_payloads_stay_intact_while_the_writer_is_behind_and_buffers_stay_
     count = size // chunk
     device = SlowDeclinedWrites(size, fail_at=7 * chunk)
     payloads = [bytes([i % 251]) * (chunk - 1) + bytes([i % 7]) for i in range(count)]
-    server_sock, client_sock = trio.socket.socketpair()
-    export = Export(device)
-    connection = Connection(SocketTransport(server_sock), export, session_for(export))
-    client = RawClient(trio.SocketStream(client_sock))
+    connection, client = connected(device)
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(connection.serve)
@@ -767,10 +776,7 @@ async def test_a_connection_ending_while_the_writer_holds_writes_answers_them_an
     loop is busy with the READ, so it does not wake the loop; the end of the connection must
     still collect it, send its reply and return."""
     device = BusyReadsDeclinedWrites()
-    server_sock, client_sock = trio.socket.socketpair()
-    export = Export(device)
-    connection = Connection(SocketTransport(server_sock), export, session_for(export))
-    client = RawClient(trio.SocketStream(client_sock))
+    connection, client = connected(device)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(connection.serve)
@@ -779,7 +785,7 @@ async def test_a_connection_ending_while_the_writer_holds_writes_answers_them_an
             tail = request(READ, 2, 0, 4) + (request(DISC, 3) if end == "disc" else b"")
             await client.send(tail)
             if end == "eof":
-                client_sock.shutdown(trio.socket.SHUT_WR)
+                client.stream.socket.shutdown(trio.socket.SHUT_WR)
             replies = {}
             for _ in range(2):
                 error, cookie = await client.simple_reply()
@@ -961,25 +967,6 @@ class SlowThreadReadsDeclinedWrites(DeclinedWrites):
         return super().read(offset, length)
 
 
-async def test_disc_answers_reads_still_in_worker_threads_with_a_writer() -> None:
-    """The end of the stream waits for the writer, then for the requests still in tasks: a
-    READ in a worker thread when DISC arrives still gets its reply."""
-    device = SlowThreadReadsDeclinedWrites()
-    with trio.fail_after(10):
-        async with seam(device) as (client, _):
-            await client.send(
-                request(WRITE, 1, 0, 3) + b"xyz" + request(READ, 2, 4096, 3) + request(DISC, 3)
-            )
-            replies = {}
-            for _ in range(2):
-                error, cookie = await client.simple_reply()
-                replies[cookie] = error
-                if cookie == 2:
-                    assert await client.recv_exactly(3) == bytes(3)
-            assert replies == {1: 0, 2: 0}
-            assert await client.closed_by_server()
-
-
 async def test_writes_deferred_when_the_stream_breaks_are_still_written_then_flushed() -> None:
     """A bad request right behind declined writes, in the same batch: the connection closes
     before the batch was handed over, and the writes are still written, then flushed."""
@@ -1000,15 +987,12 @@ async def test_an_unexpected_error_ends_that_connection_only_and_is_logged(
     not escape serve(), where it would take the server's nursery and every connection down:
     it is logged and this connection closes."""
     device = MemDevice()
-    server_sock, client_sock = trio.socket.socketpair()
-    export = Export(device)
-    connection = Connection(SocketTransport(server_sock), export, session_for(export))
+    connection, client = connected(device)
 
     async def broken_send(chunks: object) -> None:
         raise RuntimeError("a bug in the engine")
 
     connection.transport.send = broken_send  # type: ignore[method-assign]
-    client = RawClient(trio.SocketStream(client_sock))
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(connection.serve)  # returns instead of raising
@@ -1044,9 +1028,7 @@ async def test_a_reply_the_sender_is_sending_survives_the_end_of_the_stream(end:
     waits), and meanwhile it sends DISC (or half-closes). The sender must not be cancelled in
     the middle of that send: the reply would be lost (or, on a real socket, cut in half)."""
     device = GatedDeclined()
-    server_sock, client_sock = trio.socket.socketpair()
-    export = Export(device)
-    connection = Connection(SocketTransport(server_sock), export, session_for(export))
+    connection, client = connected(device)
     real_send = connection.transport.send
     stalled = trio.Event()
     release = trio.Event()
@@ -1058,7 +1040,6 @@ async def test_a_reply_the_sender_is_sending_survives_the_end_of_the_stream(end:
         await real_send(chunks)  # type: ignore[arg-type]
 
     connection.transport.send = slow_peer_send  # type: ignore[method-assign]
-    client = RawClient(trio.SocketStream(client_sock))
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(connection.serve)
@@ -1069,7 +1050,7 @@ async def test_a_reply_the_sender_is_sending_survives_the_end_of_the_stream(end:
             if end == "disc":
                 await client.send(request(DISC, 2))
             else:
-                client_sock.shutdown(trio.socket.SHUT_WR)
+                client.stream.socket.shutdown(trio.socket.SHUT_WR)
             await trio.sleep(0.1)
             release.set()  # the peer reads again
             try:
@@ -1094,10 +1075,7 @@ async def test_a_finished_connection_is_freed_without_the_cycle_collector(
     ends, not when the cycle collector finds them: the connection and its WriteBehind refer
     to each other until the end breaks the cycle."""
     device = device_type()
-    server_sock, client_sock = trio.socket.socketpair()
-    export = Export(device)
-    connection = Connection(SocketTransport(server_sock), export, session_for(export))
-    client = RawClient(trio.SocketStream(client_sock))
+    connection, client = connected(device)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(connection.serve)
@@ -1106,7 +1084,6 @@ async def test_a_finished_connection_is_freed_without_the_cycle_collector(
             await client.send(request(DISC, 2))
             assert await client.closed_by_server()
     await client.aclose()
-    server_sock.close()
     gc.collect()
     gc.disable()
     try:
@@ -1139,11 +1116,8 @@ async def test_every_write_is_answered_when_disc_arrives_while_the_sender_is_blo
     replies fill it), then sends DISC and reads everything. Every WRITE was written, so
     every WRITE must be answered before the server closes."""
     device = OneAtATime()
-    server_sock, client_sock = trio.socket.socketpair()
-    export = Export(device)
-    connection = Connection(SocketTransport(server_sock), export, session_for(export))
+    connection, client = connected(device)
     connection.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
-    client = RawClient(trio.SocketStream(client_sock))
     count = 40
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
@@ -1182,10 +1156,7 @@ async def test_a_writer_thread_that_cannot_start_does_not_make_serve_raise(
 
     monkeypatch.setattr(writer_module, "threading", types.SimpleNamespace(Thread=NoStart))
     device = Declined()
-    server_sock, client_sock = trio.socket.socketpair()
-    export = Export(device)
-    connection = Connection(SocketTransport(server_sock), export, session_for(export))
-    client = RawClient(trio.SocketStream(client_sock))
+    connection, client = connected(device)
     raised: list[BaseException] = []
 
     async def serve() -> None:
