@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import trio
 
@@ -111,6 +112,7 @@ class Connection:
         self._write_done = trio.Event()
         self._dirty = False
         self._behind: WriteBehind | None = None
+        self._before_wait: Callable[[], None] | None = None  # behind.pause, bound once
 
     async def serve(self) -> None:
         """Run until the client disconnects or sends DISC; flush what it wrote; never raise
@@ -127,6 +129,7 @@ class Connection:
                         written=self._writes_done,
                         name=f"{self.name} writer",
                     )
+                    self._before_wait = behind.pause
                     nursery.start_soon(behind.run_sender)
                 await self._receive(nursery)
                 if self._behind is not None:  # its last replies go out too
@@ -150,7 +153,7 @@ class Connection:
                 await self._behind.aclose(self._next_seq())
                 # It and the connection refer to each other: let the buffers go now, not
                 # when a garbage collection finds the cycle.
-                self._behind = None
+                self._behind = self._before_wait = None
             if self._dirty and not self.export.closed:
                 try:
                     await self.export.flush()
@@ -311,9 +314,7 @@ class Connection:
                 return True
         self._extra = 0
         await self._send_pending()
-        received = await transport.recv_into(
-            buffer.space(), behind.pause if behind is not None else None
-        )
+        received = await transport.recv_into(buffer.space(), self._before_wait)
         if behind is not None:
             behind.resume()
         if not received:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import enum
 import inspect
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -46,8 +45,6 @@ __all__ = [
     "overrides",
     "resolve",
 ]
-
-log = logging.getLogger("usbd.core")
 
 #: The longest read a ``try_read`` is asked for. It copies on the event loop, where every
 #: other connection waits meanwhile; a longer read goes to a worker thread at once.
@@ -75,10 +72,6 @@ class Execution(enum.Enum):
     @property
     def is_async(self) -> bool:
         return self in (Execution.SERIAL_ASYNC, Execution.PARALLEL_ASYNC)
-
-    @property
-    def threaded(self) -> bool:
-        return self in (Execution.SERIAL_THREADS, Execution.PARALLEL_THREADS)
 
     @property
     def parallel(self) -> bool:

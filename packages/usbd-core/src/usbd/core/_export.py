@@ -17,7 +17,13 @@ from typing import Any, TypeVar
 
 import trio
 
-from ._constants import DEFAULT_MAX_PAYLOAD, EXTENT_FLAGS, Command, TransmissionFlag
+from ._constants import (
+    CMD_COUNT,
+    DEFAULT_MAX_PAYLOAD,
+    EXTENT_FLAGS,
+    Command,
+    TransmissionFlag,
+)
 from ._device import BytesLike, Device, Extent, Fua
 from ._errors import DeviceError
 from ._execution import ContractError, Execution, fast_path, overrides, resolve
@@ -88,7 +94,7 @@ class Export:
         self.can_fua = self.can_write and (self.native_fua or self.can_flush)
         self._closed = False
         #: Requests received per command number (all connections), for the exit summary.
-        self.counts = [0] * 16
+        self.counts = [0] * CMD_COUNT
         self._limiter = trio.CapacityLimiter(max_workers if self.execution.parallel else 1)
         self._lock = trio.Lock() if self.execution is Execution.SERIAL_ASYNC else None
         self.size = int(device.size)
