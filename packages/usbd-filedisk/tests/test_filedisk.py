@@ -28,6 +28,7 @@ from usbd.core import (
     ExtentFlag,
     TransmissionFlag,
 )
+from usbd.core.fallocate import FALLOC_FL_ZERO_RANGE, fallocate
 from usbd.core.testing import (
     DeviceHarness,
     MakeDevice,
@@ -43,7 +44,6 @@ from usbd.filedisk import (
     StoreInUse,
     _device,
 )
-from usbd.filedisk._fallocate import FALLOC_FL_ZERO_RANGE, fallocate
 
 KiB = 1 << 10
 MiB = 1 << 20

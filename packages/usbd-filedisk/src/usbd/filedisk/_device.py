@@ -42,9 +42,14 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 from usbd.core import BytesLike, Device, DeviceError, Extent, ExtentFlag, Fua, format_size
+from usbd.core.fallocate import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    fallocate,
+)
 
 from ._direct import ALIGN, SharedLock, aligned_buffer, round_down, round_up
-from ._fallocate import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
 from ._lock import lock_exclusive, unlock
 
 __all__ = ["DEFAULT_SIZE", "DirectFileDisk", "FileDisk", "SizeMismatch", "StoreError"]

@@ -1,4 +1,5 @@
-"""``fallocate(2)`` with a mode, which the standard library does not offer.
+"""``fallocate(2)`` with a mode, which the standard library does not offer (shared by the drivers
+that punch holes: the file disk and the object store's cache).
 
 ``os.posix_fallocate`` only reserves space; punching a hole or zeroing a range in place
 needs the Linux call's mode argument, so it is called from the C library through ctypes
