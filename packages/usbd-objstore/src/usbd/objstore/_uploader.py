@@ -1,0 +1,224 @@
+"""Upload rounds: the one mechanism that moves dirty chunks to the bucket and commits them.
+
+A round, in the uploader's thread:
+
+1. **Cut.** Under the table's lock, every dirty chunk is frozen (PENDING) with its version. From
+   here on, a write to a frozen chunk first copies the chunk to staging, so the round uploads
+   every chunk as it was at the cut: the round's image is the device at one moment, writes in
+   flight at the cut aside (as in a crash at that moment).
+2. **Upload.** ``concurflush`` at a time: read the chunk (from staging if a write copied it),
+   and PUT it under a new key (chunk, generation); an all-zero chunk is not uploaded, the
+   manifest drops it instead. Transient errors are retried until the store is back.
+3. **Commit.** One conditional PUT of the manifest publishes the whole round.
+4. **Settle.** Chunks whose version did not move since the cut are clean; the superseded
+   objects are deleted; the cache state is saved (persistent cache).
+
+Rounds run every ``flush_every`` seconds, when a FLUSH without a persistent cache asks (it then
+waits for a round that cut after it arrived), when writers wait for room, and at close.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from usbd.core import DeviceError, format_size
+
+from ._cache import CacheFiles
+from ._chunks import Chunks, Frozen, Slot
+from ._codec import Codec, Kind
+from ._manifest import Fenced, Manifest, commit, data_key
+from ._store import ObjectStore, StoreError
+
+__all__ = ["Uploader"]
+
+log = logging.getLogger("usbd.objstore")
+
+
+class Uploader:
+    """Owns the upload thread, its pool, the manifest it commits, and the round counters."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        store: ObjectStore,
+        codec: Codec,
+        chunks: Chunks,
+        cache: CacheFiles,
+        manifest: Manifest,
+        object_size: int,
+        size: int,
+        workers: int,
+        every: float,
+        settled: Callable[[], None],
+    ) -> None:
+        self.name = name
+        self.store = store
+        self.codec = codec
+        self.chunks = chunks
+        self.cache = cache
+        self.manifest = manifest
+        self.object_size = object_size
+        self.size = size
+        self.every = every
+        self._settled = settled
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="usbd-objstore-put")
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        #: Rounds cut, and the last round whose commit ended (successfully or not).
+        self.cut = 0
+        self.done = 0
+        self.committed = 0
+        self.ended = threading.Condition(chunks.lock)
+        #: Set for good when the volume was fenced or a commit failed for a reason that
+        #: retrying cannot fix; every write and flush then fails.
+        self.failure: str | None = None
+        #: Store calls' deadline while closing (None: retry until the store is back).
+        self.deadline: float | None = None
+        self._counter = 0
+        self.uploaded_bytes = 0
+        self._thread = threading.Thread(target=self._run, name="usbd-objstore-upload", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def request(self) -> None:
+        """Ask for a round soon (called with or without the table's lock)."""
+        self._wake.set()
+
+    def _generation(self) -> int:
+        self._counter += 1
+        if self._counter >= 1 << 32:
+            raise DeviceError(errno.EIO, "this run made 2^32 uploads: restart to take a new epoch")
+        return (self.manifest.epoch << 32) | self._counter
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.every if self.every > 0 else None)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                self.round()
+            except Exception:
+                log.exception("upload round failed")
+
+    def round(self) -> bool:
+        """One round (cut, upload, commit, settle); True if everything it cut is committed.
+        Rounds run one at a time: the thread's, or at close the caller's after the thread
+        stopped."""
+        chunks = self.chunks
+        with chunks.lock:
+            cut = [(c, slot, slot.version) for c, slot in chunks.held.items() if slot.dirty]
+            for _chunk, slot, _version in cut:
+                slot.frozen = Frozen.PENDING
+            self.cut += 1
+            number = self.cut
+        committed = False
+        try:
+            if not cut or self.failure is not None:
+                committed = not cut
+                return committed
+            futures = [self._pool.submit(self._upload, c, slot) for c, slot, _v in cut]
+            changes: dict[int, int] = {}
+            failed: BaseException | None = None
+            for (chunk, _slot, _version), future in zip(cut, futures, strict=True):
+                try:
+                    changes[chunk] = future.result()
+                except BaseException as exc:
+                    failed = failed or exc
+            if failed is not None:
+                log.warning("upload round %d stopped: %s", number, failed)
+                return False
+            try:
+                self.manifest, garbage = commit(
+                    self.store, self.name, self.codec, self.manifest, changes
+                )
+            except Fenced as exc:
+                self.failure = f"fenced: {exc}"
+                log.error("stopping writes to %s: %s", self.name, self.failure)  # noqa: TRY400
+                return False
+            except StoreError as exc:
+                log.warning("commit of round %d failed: %s", number, exc)
+                return False
+            committed = True
+            with chunks.lock:
+                for chunk, slot, version in cut:
+                    generation = changes[chunk]
+                    if generation:
+                        chunks.remote[chunk] = generation
+                    else:
+                        chunks.remote.pop(chunk, None)
+                    if slot.version == version:
+                        slot.dirty = False
+                chunks.epoch_of_state += 1
+            if garbage:
+                try:
+                    self.store.delete(garbage, deadline=time.monotonic() + 30)
+                except StoreError as exc:
+                    log.info("superseded objects left for the next open's cleanup: %s", exc)
+            self._settled()
+            return True
+        finally:
+            with chunks.lock:
+                for chunk, slot, _version in cut:
+                    if slot.frozen is Frozen.STAGED:
+                        self.cache.punch(*self._span(chunk), staged=True)
+                    slot.frozen = Frozen.NONE
+                self.done = number
+                if committed:
+                    self.committed = number
+                self.ended.notify_all()
+                chunks.changed.notify_all()
+            if cut and committed:
+                log.debug("round %d committed %d chunk(s)", number, len(cut))
+
+    def _span(self, chunk: int) -> tuple[int, int]:
+        start = chunk * self.object_size
+        return start, min(self.object_size, self.size - start)
+
+    def _upload(self, chunk: int, slot: Slot) -> int:
+        """PUT the chunk as it was at the cut; its new generation (0: it is all zeros)."""
+        start, length = self._span(chunk)
+        with slot.lock:
+            data = self.cache.read(start, length, staged=slot.frozen is Frozen.STAGED)
+            with self.chunks.lock:
+                slot.frozen = Frozen.TAKEN if slot.frozen is Frozen.PENDING else slot.frozen
+        if _zero(data):
+            return 0
+        generation = self._generation()
+        blob = self.codec.seal(Kind.DATA, chunk, generation, data)
+        self.store.put(data_key(self.name, chunk, generation), blob, deadline=self.deadline)
+        self.uploaded_bytes += len(blob)
+        return generation
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def describe_dirty(self) -> str:
+        with self.chunks.lock:
+            count = sum(1 for slot in self.chunks.held.values() if slot.dirty)
+        return f"{count} object(s), {format_size(count * self.object_size)}"
+
+
+_ZERO_PAGE = bytes(1 << 20)
+
+
+def _zero(data: bytes) -> bool:
+    view = memoryview(data)
+    for start in range(0, len(view), len(_ZERO_PAGE)):
+        piece = view[start : start + len(_ZERO_PAGE)]
+        if piece != _ZERO_PAGE[: len(piece)]:
+            return False
+    return True
