@@ -19,6 +19,7 @@ PACKAGES: dict[str, list[str]] = {
     "usbd-core": ["./packages/usbd-core[testing]"],
     "usbd-ramdisk": ["./packages/usbd-core[testing]", "./packages/usbd-ramdisk"],
     "usbd-filedisk": ["./packages/usbd-core[testing]", "./packages/usbd-filedisk"],
+    "usbd-objstore": ["./packages/usbd-core[testing]", "./packages/usbd-objstore[test]"],
     "usbdsrvd": [
         "./packages/usbd-core[testing]",
         "./packages/usbd-ramdisk",
@@ -29,6 +30,7 @@ ALL = [
     "./packages/usbd-core[testing]",
     "./packages/usbd-ramdisk",
     "./packages/usbd-filedisk",
+    "./packages/usbd-objstore[test]",
     "./packages/usbdsrvd",
 ]
 
@@ -90,6 +92,7 @@ def lint(session: nox.Session) -> None:
         "packages/usbd-core/src/usbd/core",
         "packages/usbd-ramdisk/src/usbd/ramdisk",
         "packages/usbd-filedisk/src/usbd/filedisk",
+        "packages/usbd-objstore/src/usbd/objstore",
         "packages/usbdsrvd/src/usbd/srvd",
     )
 

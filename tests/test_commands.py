@@ -347,10 +347,10 @@ BAD_INPUTS = [
         ("expected an existing directory",),
     ),
     Bad(
-        "osbd-not-installed",
-        ("-dev-type=osbd",),
-        "-dev-type: unknown device type 'osbd'",
-        ("installed types are ", "mem", "usbd-objstore"),
+        "dedup-not-installed",
+        ("-dev-type=dedup",),
+        "-dev-type: unknown device type 'dedup'",
+        ("installed types are ", "mem", "usbd-dedup"),
         progs=("usbdsrvd",),
     ),
     Bad(

@@ -141,7 +141,7 @@ class ObjectStore:
         """Release connections."""
 
 
-def retrying(call: Callable[[], T], what: str, deadline: float | None) -> T:
+def retrying(call: Callable[[], T], deadline: float | None) -> T:
     """``call()``, retried on :class:`Unavailable` with backoff until ``deadline``
     (``time.monotonic()`` seconds; None: for ever). The last failure is raised."""
     delay = _BACKOFF_FIRST
@@ -155,7 +155,7 @@ def retrying(call: Callable[[], T], what: str, deadline: float | None) -> T:
             if deadline is not None and now + delay > deadline:
                 raise
             if attempts in (1, 10) or attempts % 100 == 0:
-                log.warning("%s: %s; retrying (attempt %d)", what, exc, attempts)
+                log.warning("%s; retrying (attempt %d)", exc, attempts)
             time.sleep(delay * (0.5 + random.random() / 2))
             delay = min(delay * 2, _BACKOFF_MAX)
 
@@ -224,7 +224,7 @@ class S3Store(ObjectStore):
         )
 
     def _call(self, what: str, key: str, call: Callable[[], T], deadline: float | None) -> T:
-        return retrying(lambda: self._translate(what, key, call), f"{what} {key}", deadline)
+        return retrying(lambda: self._translate(what, key, call), deadline)
 
     def _translate(self, what: str, key: str, call: Callable[[], T]) -> T:
         try:

@@ -36,6 +36,10 @@ FLAGS = {
 }
 
 
+#: Seconds the first request may take to find a store that answers.
+CHECK_TIMEOUT = 5.0
+
+
 class OpenError(OSError):
     """The volume cannot be opened as asked; the message says why, in one line."""
 
@@ -88,13 +92,14 @@ def open_volume(
     """Open (or create) volume ``name``. ``key_for(encryption)`` gives the AES key the volume's
     encryption needs (None for ``identity``); ``given`` names the parameters the user set,
     which must then match an existing volume's."""
-    deadline = time.monotonic() + timeout
+    # Nothing answering at all is most likely no server there: say so soon.
     try:
-        store.check(deadline=deadline)
+        store.check(deadline=time.monotonic() + min(timeout, CHECK_TIMEOUT))
     except Unavailable as exc:
         raise _unreachable(store, exc, hint) from None
     except Refused as exc:
         raise _refused(store, exc) from None
+    deadline = time.monotonic() + timeout
     me = identity()
     lease = Lease(store, name, me)
     try:
