@@ -156,6 +156,10 @@ class Uploader:
                         chunks.remote.pop(chunk, None)
                     if slot.version == version:
                         slot.dirty = False
+                        if not generation and slot.pins == 0:
+                            # All zeros: nothing to keep, and a hole again for block status.
+                            del chunks.held[chunk]
+                            self.cache.punch(*self._span(chunk))
                 chunks.epoch_of_state += 1
             if garbage:
                 try:
