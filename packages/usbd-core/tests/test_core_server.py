@@ -61,6 +61,7 @@ from core_helpers import (
 
 from usbd.core import Export, Extent, ExtentFlag, Server, open_tcp_listeners, open_unix_listener
 from usbd.core.cli import Listen, serve
+from usbd.core.cli._serve import DeviceFailed
 
 Connect = Callable[[], Awaitable[RawClient]]
 
@@ -632,6 +633,39 @@ async def test_graceful_stop_flushes_and_closes_once(sockdir: Path) -> None:
     assert not os.path.exists(path)  # the socket file is removed
     with pytest.raises(Exception, match="closed"):
         device.read(0, 1)
+
+
+class _FailingDevice(MemDevice):
+    """Fails for good (Device.failed) once it has taken a write, as a fenced device does."""
+
+    def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        super().write(offset, data, fua)
+        self.reason = "fenced by another writer"
+
+    def failed(self) -> str | None:
+        return getattr(self, "reason", None)
+
+
+async def test_a_device_that_fails_for_good_stops_the_daemon_with_its_error(
+    sockdir: Path,
+) -> None:
+    device = _FailingDevice()
+    path = str(sockdir / "failing.sock")
+    with trio.fail_after(10):
+        with pytest.raises(BaseExceptionGroup) as raised:
+            async with trio.open_nursery() as outer:
+                outer.start_soon(serve, device, [Listen(path=path)])
+                await wait_until(lambda: os.path.exists(path))
+                client = await RawClient.unix(path)
+                await client.go()
+                assert await client.write(0, b"data") == 0
+                await trio.sleep(10)  # serve() must end by itself
+        assert raised.group_contains(
+            DeviceFailed, match="^the device failed: fenced by another writer$", depth=None
+        )
+        await client.aclose()
+    assert device.closed == 1  # flushed and closed as on any stop
+    assert not os.path.exists(path)
 
 
 async def test_graceful_stop_of_an_idle_server(sockdir: Path) -> None:

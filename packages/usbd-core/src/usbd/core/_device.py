@@ -164,5 +164,15 @@ class Device:
         :meth:`write`. Optional."""
         raise NotImplementedError
 
+    def failed(self) -> str | None:
+        """Why the device can no longer serve at all, or None (the default: it can).
+
+        For a failure no single request can report: an object store's device whose volume
+        another writer took over fails every write from then on, and the daemon should stop
+        with that error rather than go on answering EIO. The daemon asks about twice a second,
+        on the event loop, whatever the execution model: it must answer at once (a plain
+        method, even on an async device) and must not block."""
+        return None
+
     def close(self) -> None:
         """Release everything; called exactly once, after every other call has returned."""

@@ -555,6 +555,10 @@ class ObjStoreDevice(Device):
 
     # -- state, rounds, failures ------------------------------------------------------------
 
+    def failed(self) -> str | None:
+        """Fenced or lost the lease: the daemon stops with this (see ``Device.failed``)."""
+        return self.uploader.failure
+
     def _evict(self, chunk: int) -> None:
         """Called with the lock held: the chunk's bytes go (it is clean: the bucket has them)."""
         self.files.punch(*self._span(chunk))

@@ -22,9 +22,20 @@ from .._notify import ready, stopping
 from .._server import Server, open_tcp_listeners, open_unix_listener
 from ..kernel import Attached, KernelExport, KernelOptions
 
-__all__ = ["serve"]
+__all__ = ["DeviceFailed", "serve"]
 
 log = logging.getLogger("usbd")
+
+#: Seconds between asking the device whether it has failed for good (Device.failed).
+FAILURE_POLL = 0.5
+
+
+class DeviceFailed(OSError):
+    """The device reported that it can no longer serve (:meth:`Device.failed`): the daemon
+    stopped, and exits with this message."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 async def serve(
@@ -101,6 +112,7 @@ async def _serve(
                 serving.insert(0, attached.path)
             ready(f"serving {', '.join(serving)}")
             task_status.started(uris)
+            nursery.start_soon(_watch_for_failure, export.device, attachment)
             await _wait_for_stop(prog, attachment, signals)
             nursery.cancel_scope.cancel()
     finally:
@@ -129,6 +141,21 @@ async def _run_kernel(
         await attachment.run(task_status=task_status)
     finally:
         scope.cancel()
+
+
+async def _watch_for_failure(device: Device, attachment: KernelExport | None) -> None:
+    """Stop the daemon with an error once the device says it has failed for good: detach
+    the kernel device even if mounted (the device fails its I/O anyway) and raise."""
+    while True:
+        await trio.sleep(FAILURE_POLL)
+        reason = device.failed()
+        if reason:
+            break
+    log.error("the device failed: %s; stopping", reason)
+    stopping()
+    if attachment is not None:
+        await attachment.detach()
+    raise DeviceFailed(f"the device failed: {reason}")
 
 
 async def _wait_for_stop(
