@@ -1,11 +1,14 @@
 """Benchmark usbd's drivers against nbdkit with fio over NBD on unix sockets (not a test).
 
-Two suites, each one usbd driver against the nbdkit servers that do the same job:
+Three suites, each one usbd driver against the servers that do the same job:
 
 - ``ramdisk``: ``usbd-ramdisk`` against ``nbdkit memory`` (C) and nbdkit's Python plugin
   with ``bench/nbdkit_ramdisk.py``, each a RAM disk.
 - ``file``: ``usbd-filedisk`` against ``nbdkit file``, each serving a file of the same size
   in the run's temporary directory (same filesystem, so the same page cache and disk).
+- ``objstore``: ``usbd-objstore`` against usbd-filedisk, nbdkit's S3 plugin and s3backer, all
+  on one SeaweedFS, plus cold passes, the raw S3 server and write amplification; it lives in
+  ``bench/objstore.py`` and uses this module's machinery through ``SuiteHooks``.
 
 A suite's servers run side by side; every device is filled by one sequential write pass
 first, so that reads read data, not holes (the files start sparse). Then, round after round,
@@ -22,6 +25,8 @@ reference is ``Suite.baseline``, an nbdkit server; not to be confused with ``--b
 - ramdisk, against nbdkit memory: >= 1.0x on 1 MiB sequential, >= 1.3x on 4 KiB random,
   and under 80 MiB resident with an empty 1 GiB disk.
 - file, against nbdkit file: >= 0.9x on 1 MiB sequential, >= 0.8x on 4 KiB random.
+- objstore: warm, >= 0.5x usbd-filedisk and >= 5x nbdkit's S3 plugin on 4 KiB random; cold
+  1 MiB sequential, >= 0.8x the raw S3 server (see bench/objstore.py).
 
 Before and after: ``--baseline REV`` (any git revision) adds that revision's usbd driver to
 each suite as one more server, ``usbd-ramdisk@<hash>`` and ``usbd-filedisk@<hash>``, run side
@@ -102,6 +107,9 @@ class Suite:
     ``targets`` are minimum usbd / ``baseline`` ratios per workload name; ``rss_target_mib``
     is a ceiling on usbd's resident memory with an empty device, where the issue sets one
     (a file-backed daemon's data lives in the page cache, not in its own memory).
+    ``more_targets`` are minimum ratios to servers other than ``baseline`` (reference, then
+    ratios per workload), ``extras`` the names of what a suite measures outside the rotation
+    of ``servers`` (the objstore suite's cold daemon and raw S3 client; see bench/objstore.py).
     """
 
     name: str
@@ -110,6 +118,8 @@ class Suite:
     baseline: str
     targets: Mapping[str, float]
     rss_target_mib: int | None = None
+    more_targets: tuple[tuple[str, Mapping[str, float]], ...] = ()
+    extras: tuple[str, ...] = ()
 
     @property
     def servers(self) -> tuple[str, ...]:
@@ -132,10 +142,25 @@ SUITES = (
         "nbdkit-file",
         {"seq-read-1M": 0.9, "seq-write-1M": 0.9, "rand-read-4K": 0.8, "rand-write-4K": 0.8},
     ),
+    # Warm (the cache holds the whole volume) against usbd-filedisk and the other S3 block
+    # devices; the cold targets, against the raw S3 server, are in bench/objstore.py.
+    Suite(
+        "objstore",
+        "usbd-objstore",
+        ("usbd-filedisk", "nbdkit-s3", "s3backer"),
+        "usbd-filedisk",
+        {"rand-read-4K": 0.5, "rand-write-4K": 0.5},
+        more_targets=(("nbdkit-s3", {"rand-read-4K": 5.0, "rand-write-4K": 5.0}),),
+        extras=("usbd-objstore-cold", "raw-s3"),
+    ),
 )
-SERVERS = tuple(name for suite in SUITES for name in suite.servers)
+SERVERS = tuple(dict.fromkeys(n for suite in SUITES for n in (*suite.servers, *suite.extras)))
 #: The module each usbd server runs as (``python -m``), checked before anything starts.
-USBD_MODULES = {"usbd-ramdisk": "usbd.ramdisk", "usbd-filedisk": "usbd.filedisk"}
+USBD_MODULES = {
+    "usbd-ramdisk": "usbd.ramdisk",
+    "usbd-filedisk": "usbd.filedisk",
+    "usbd-objstore": "usbd.objstore",
+}
 #: What a ``--baseline`` venv gets from the revision's tree, in this order (core first, so that
 #: the drivers' dependency on it is met by the revision's own core, not by one from an index).
 BASELINE_PACKAGES = ("usbd-core", "usbd-ramdisk", "usbd-filedisk")
@@ -208,6 +233,8 @@ class Server:
 
     ``backing`` is the file a file server serves (its allocation is reported after the
     prefill, to show that reads will read data); ``prepare`` runs just before the start.
+    ``companions`` are the pids of processes that do part of its work and are counted in its
+    CPU and memory (s3backer's, behind the ``nbdkit file`` that serves its FUSE file).
     """
 
     name: str
@@ -218,6 +245,7 @@ class Server:
     prepare: Callable[[], None] | None = None
     process: subprocess.Popen[bytes] | None = None
     memory: dict[str, dict[str, int]] = field(default_factory=dict)
+    companions: list[int] = field(default_factory=list)
 
     @property
     def uri(self) -> str:
@@ -267,8 +295,16 @@ class Server:
         return True
 
     def record_memory(self, label: str) -> dict[str, int]:
-        self.memory[label] = read_proc_status(self.pid)
-        return self.memory[label]
+        memory = read_proc_status(self.pid)
+        for pid in self.companions:  # summed: the peaks of each, not a peak of the sum
+            for key, value in read_proc_status(pid).items():
+                memory[key] = memory.get(key, 0) + value
+        self.memory[label] = memory
+        return memory
+
+    def cpu_seconds(self) -> float:
+        """CPU time used so far by the server and its companions."""
+        return sum(cpu_seconds(pid) for pid in (self.pid, *self.companions))
 
     def allocated(self) -> int | None:
         """Bytes of disk (or page cache) the backing file holds; None without one."""
@@ -601,12 +637,12 @@ def measure(
     }
     if workload.rw.startswith("rand"):
         options.update(norandommap=1, randrepeat=0)
-    cpu_before = cpu_seconds(server.pid)
+    cpu_before = server.cpu_seconds()
     wall_before = time.monotonic()
     job = fio(
         server.uri, f"{workload.name}-{server.name}", options, args.runtime + args.ramp_time + 120
     )
-    cpu = cpu_seconds(server.pid) - cpu_before
+    cpu = server.cpu_seconds() - cpu_before
     wall = time.monotonic() - wall_before
     stats = job[workload.direction]
     # fio counts no I/O during the ramp, the CPU clock does: estimate the I/Os over the
@@ -675,6 +711,20 @@ def verify(server: Server, args: argparse.Namespace) -> list[dict[str, Any]]:
 # -- running a suite ---------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class SuiteHooks:
+    """Steps a suite adds to ``run_suite``'s, each given the suite's result to add to.
+
+    ``after_prefill`` runs once every server is filled (and the page cache written back),
+    ``each_round`` after each round's workloads (with the round's index), ``after_rounds``
+    after the last round, before the verify passes; all while the servers run.
+    """
+
+    after_prefill: Callable[[dict[str, Any]], None] | None = None
+    each_round: Callable[[int, dict[str, Any]], None] | None = None
+    after_rounds: Callable[[dict[str, Any]], None] | None = None
+
+
 def run_suite(
     suite: Suite,
     servers: Mapping[str, Server],
@@ -682,13 +732,16 @@ def run_suite(
     workloads: Sequence[Workload],
     args: argparse.Namespace,
     revision: str | None = None,
+    hooks: SuiteHooks | None = None,
 ) -> dict[str, Any]:
     """Start the suite's servers, fill them, run every workload in rotating order, verify.
 
     ``revision`` is the name of the ``--baseline`` revision's usbd server among ``names``, if
     any: one more server in the rotation, compared with the current usbd in the summary.
+    ``hooks`` add a suite's own steps (see ``SuiteHooks``).
     Raises RuntimeError (after printing the servers' logs) if a server or fio fails.
     """
+    hooks = hooks or SuiteHooks()
     chosen = [servers[name] for name in names]
     result: dict[str, Any] = {
         "usbd": suite.usbd,
@@ -696,6 +749,7 @@ def run_suite(
         "baseline": suite.baseline,
         "targets": dict(suite.targets),
         "rss_target_mib": suite.rss_target_mib,
+        **({"more_targets": dict(suite.more_targets)} if suite.more_targets else {}),
         "servers": list(names),
         "memory": {},
         "prefill_mib_s": {},
@@ -719,6 +773,8 @@ def run_suite(
                 print(f"bench: prefilled {server.name} at {speed:.0f} MiB/s{note}", flush=True)
             # Write back what the prefill left dirty now, not during the first measurements.
             os.sync()
+            if hooks.after_prefill is not None:
+                hooks.after_prefill(result)
             width = max(len(name) for name in names)
             for round_ in range(args.rounds):
                 shift = round_ % len(names)
@@ -736,8 +792,12 @@ def run_suite(
                             f" {sample['server_cpu_us_per_io']:.1f} us/IO)",
                             flush=True,
                         )
+                if hooks.each_round is not None:
+                    hooks.each_round(round_, result)
             for server in chosen:
                 server.record_memory("after_writes")
+            if hooks.after_rounds is not None:
+                hooks.after_rounds(result)
             if suite.usbd in names and not args.no_verify:
                 result["verify"] = verify(servers[suite.usbd], args)
                 servers[suite.usbd].record_memory("after_verify")
@@ -874,7 +934,14 @@ def report(suite: Suite, result: dict[str, Any], rounds: int, how: str, size: in
             "CPU usbd/this",
         ]
     ]
-    ratios = [["workload", *(f"{suite.usbd}/{o}" for o in others), f"target vs {suite.baseline}"]]
+    ratios = [
+        [
+            "workload",
+            *(f"{suite.usbd}/{o}" for o in others),
+            f"target vs {suite.baseline}",
+            *(f"target vs {reference}" for reference, _ in suite.more_targets),
+        ]
+    ]
     # Current and baseline usbd's ratio to each nbdkit server side by side, then the two
     # directly: the figures the claim "within noise or better, CPU per I/O no higher" needs.
     before_after = [
@@ -908,13 +975,14 @@ def report(suite: Suite, result: dict[str, Any], rounds: int, how: str, size: in
         ratio_row = [workload.name]
         for other in others:
             ratio_row.append(times(found.get(f"{suite.usbd}/{other}")))
-        target = suite.targets.get(workload.name)
-        baseline = found.get(f"{suite.usbd}/{suite.baseline}")
-        if target is None or baseline is None:
-            ratio_row.append("")
-        else:
-            verdict = "met" if baseline >= target else "NOT met"
-            ratio_row.append(f">= {target:.1f}x ({verdict})")
+        for reference, targets in ((suite.baseline, suite.targets), *suite.more_targets):
+            target = targets.get(workload.name)
+            baseline = found.get(f"{suite.usbd}/{reference}")
+            if target is None or baseline is None:
+                ratio_row.append("")
+            else:
+                verdict = "met" if baseline >= target else "NOT met"
+                ratio_row.append(f">= {target:.1f}x ({verdict})")
         ratios.append(ratio_row)
         versus = per_server.get("vs_revision")
         if versus is not None:
@@ -934,7 +1002,8 @@ def report(suite: Suite, result: dict[str, Any], rounds: int, how: str, size: in
     text = [f"{suite.name} suite: fio over NBD, unix sockets ({how} of {rounds} round(s)):"]
     text.append(render(rows))
     if suite.usbd in names and others:
-        text += ["", render(ratios, frozenset({0, len(ratios[0]) - 1}))]
+        targets = range(len(ratios[0]) - 1 - len(suite.more_targets), len(ratios[0]))
+        text += ["", render(ratios, frozenset({0, *targets}))]
     if len(before_after) > 1:
         text += [
             "",
@@ -981,6 +1050,15 @@ def memory_lines(suite: Suite, memory: Mapping[str, Any], size: int) -> list[str
 
 
 # -- main --------------------------------------------------------------------------------
+
+
+def load_objstore() -> Any:
+    """bench/objstore.py, the objstore suite; it builds on this module, which it imports as
+    ``run`` (the same module object, also when this file runs as ``__main__``)."""
+    sys.modules.setdefault("run", sys.modules[__name__])
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    return importlib.import_module("objstore")
 
 
 def version(program: str) -> str:
@@ -1057,6 +1135,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("bench-results/bench.json"),
         help="JSON results file (default bench-results/bench.json)",
     )
+    load_objstore().add_arguments(parser)
     return parser
 
 
@@ -1073,6 +1152,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = [(suite, names) for suite, names in plan if names]
     if not plan:
         sys.exit(f"bench: none of --servers {' '.join(args.servers)} is in suite {args.suite}")
+    objstore = load_objstore()
+    skipped = set()
+    for suite, names in plan:
+        # Its packages and tools are not all installed by `nox -s bench` (nor by the main
+        # test line): run without it, unless it was asked for by name.
+        problem = objstore.missing(suite, names, args) if suite.name == objstore.SUITE else None
+        if problem is not None:
+            if args.suite == suite.name:
+                sys.exit(f"bench: the {suite.name} suite cannot run: {problem}")
+            print(f"bench: the {suite.name} suite is skipped: {problem}")
+            skipped.add(suite.name)
+    plan = [(suite, names) for suite, names in plan if suite.name not in skipped]
+    if not plan:
+        sys.exit("bench: no suite left to run")
     for suite, names in plan:
         if suite.usbd in names and importlib.util.find_spec(USBD_MODULES[suite.usbd]) is None:
             sys.exit(
@@ -1123,9 +1216,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         servers = make_servers(Path(tmp), args.size, baseline)
         for suite, names in plan:
             try:
-                results["suites"][suite.name] = run_suite(
-                    suite, servers, names, workloads, args, revisions[suite.name]
-                )
+                if suite.name == objstore.SUITE:
+                    # Its servers need an S3 server started first, and its own device size.
+                    result = objstore.run_suite(suite, names, workloads, args, Path(tmp))
+                else:
+                    result = run_suite(
+                        suite, servers, names, workloads, args, revisions[suite.name]
+                    )
+                results["suites"][suite.name] = result
             except (RuntimeError, KeyboardInterrupt) as exc:
                 print(f"bench: aborted in the {suite.name} suite: {exc}", file=sys.stderr)
                 return 1
@@ -1133,7 +1231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.output.write_text(json.dumps(results, indent=2) + "\n")
     for suite, _ in plan:
         print()
-        print(report(suite, results["suites"][suite.name], args.rounds, args.stat, args.size))
+        if suite.name == objstore.SUITE:
+            print(objstore.report(suite, results["suites"][suite.name], args))
+        else:
+            print(report(suite, results["suites"][suite.name], args.rounds, args.stat, args.size))
     print(f"\nbench: results written to {args.output}")
     failed = [
         check
