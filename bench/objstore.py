@@ -683,6 +683,24 @@ class Extras:
         wait_quiet(self.store)
         for name, server in self.servers.items():
             self.result.setdefault("write_amplification", {})[name] = self.amplification(server)
+        if self.cold is not None and not self.args.no_verify:
+            self.result["verify"] = [self.verify_through_bucket()]
+
+    def verify_through_bucket(self) -> dict[str, Any]:
+        """fio writes with crc32c checksums and FLUSHes, the cold device restarts with an
+        empty cache, and fio reads every block back from the bucket and checks it."""
+        assert self.cold is not None and self.cold_dir is not None
+        name = f"verify-seq-1M-after-restart ({COLD})"
+        options = {"verify": "crc32c", "verify_fatal": 1, "verify_dump": 0}
+        options["verify_state_save"] = 0
+        try:
+            fio_pass(self.cold, "write", self.args.verify_size, do_verify=0, end_fsync=1, **options)
+            restart(self.cold, self.cold_dir)
+            job = fio_pass(self.cold, "write", self.args.verify_size, verify_only=1, **options)
+        except RuntimeError as exc:
+            return {"name": name, "passed": False, "error": str(exc)[:2000]}
+        checked = job["read"]["total_ios"]
+        return {"name": name, "passed": checked > 0, "verified_ios": checked}
 
     def amplification(self, server: Server) -> dict[str, float]:
         """The fixed 4 KiB random-write workload, then FLUSH, then until the bucket is quiet:
@@ -836,6 +854,8 @@ def run_suite(
                 if extras.cold.log().strip():
                     extras.result["cold_log"] = extras.cold.log().strip()
     summarise(extras.result, args.stat)
+    # Reported and counted (the exit status) with the warm device's verify passes.
+    result.setdefault("verify", []).extend(extras.result.pop("verify", []))
     result["objstore"] = {
         "size": size,
         "cold_size": args.objstore_cold_size,
