@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from usbd.objstore import (
     open_volume,
 )
 from usbd.objstore._codec import Kind
+from usbd.objstore._lease import identity
 from usbd.objstore._manifest import compression_of, data_key, load, params_of
 
 KiB = 1 << 10
@@ -241,7 +241,14 @@ def fake_holder(rig: Rig, **fields: object) -> None:
 
 def test_a_lease_of_a_dead_process_on_this_host_is_taken_over(rig: Rig) -> None:
     written(rig, {0: b"data"})
-    fake_holder(rig, host=socket.gethostname(), pid=2**22 + 12345, renewed=9e99)
+    me = identity()
+    fields = {"host": me["host"], "machine": me["machine"], "boot": me["boot"]}
+    # Another pid namespace (a container on this machine): its pid means nothing here.
+    fake_holder(rig, **fields, pidns="4026531999", pid=2**22 + 12345, renewed=9e99)
+    with pytest.raises(OpenError, match="is held by"):
+        rig.device()
+    # Ours, and no such process: taken over.
+    fake_holder(rig, **fields, pidns=me["pidns"], pid=2**22 + 12345, renewed=9e99)
     rig.close(rig.device())
 
 

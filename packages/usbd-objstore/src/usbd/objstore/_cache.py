@@ -79,7 +79,9 @@ class CacheFiles:
     def __init__(self, directory: Path, size: int) -> None:
         self.directory = directory
         self.size = size
-        directory.mkdir(mode=0o700, exist_ok=True)
+        if not directory.exists():
+            directory.mkdir(mode=0o700)
+            _fsync_dir(directory.parent)  # the directory's own name must survive a crash
         self.data = self._open("data")
         self.staging = self._open("staging")
         os.ftruncate(self.staging, 0)  # nothing in it survives a restart

@@ -14,18 +14,25 @@ zeros) and, for the chunks held in the cache, a :class:`Slot`:
   must first copy it to staging), STAGED (copied), TAKEN (read), or NONE.
 
 Eviction takes the least recently used clean, unpinned, unfrozen chunk. Dirty chunks are never
-evicted: a writer that needs room when every chunk is dirty waits (``room``) for an upload
-round to clean some, and asks for one. A reader never waits for room: it is served from the
-fetched object without caching it.
+evicted: a writer that needs room when every chunk is dirty waits (``changed``) for an upload
+round to clean some, and asks for one; it gives up with EIO only when the device has failed
+for good (fenced) or is closing. A reader never waits for room: it is served from the fetched
+object without caching it.
+
+``dirty`` is the set of dirty chunks, kept alongside the slots so that nothing on the event
+loop's path (a FLUSH's "anything to do?", a round's cut) has to walk every held chunk.
 """
 
 from __future__ import annotations
 
 import enum
+import errno
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from usbd.core import DeviceError
 
 __all__ = ["Chunks", "Frozen", "Slot"]
 
@@ -53,7 +60,11 @@ class Chunks:
     """The table. ``limit`` is how many chunks the cache may hold (None: all of them)."""
 
     def __init__(
-        self, limit: int | None, evict: Callable[[int], None], wanted: Callable[[], None]
+        self,
+        limit: int | None,
+        evict: Callable[[int], None],
+        wanted: Callable[[], None],
+        failure: Callable[[], str | None],
     ) -> None:
         self.lock = threading.Lock()
         #: Notified when a slot may have become evictable or a fetch ended.
@@ -61,12 +72,14 @@ class Chunks:
         self.limit = limit
         self.remote: dict[int, int] = {}
         self.held: OrderedDict[int, Slot] = OrderedDict()
+        self.dirty: set[int] = set()
         #: Chunks being fetched, each with the event set when its fetch ends.
         self.fetching: dict[int, threading.Event] = {}
         #: Bumped whenever what the state file records changes (held, dirty, generations).
         self.epoch_of_state = 0
         self._evict = evict
         self._wanted = wanted
+        self._failure = failure
 
     # Everything below is called with ``lock`` held.
 
@@ -90,12 +103,14 @@ class Chunks:
         while not self.has_room():
             victim = self._victim()
             if victim is not None:
-                del self.held[victim]
+                self.drop(victim)
                 self._evict(victim)
-                self.epoch_of_state += 1
                 continue
             if not wait:
                 return False
+            failure = self._failure()
+            if failure is not None:
+                raise DeviceError(errno.EIO, f"no room in the cache: {failure}")
             self._wanted()
             self.changed.wait(1.0)
         return True
@@ -103,15 +118,32 @@ class Chunks:
     def add(self, chunk: int, *, dirty: bool = False) -> Slot:
         slot = Slot(dirty=dirty)
         self.held[chunk] = slot
+        if dirty:
+            self.dirty.add(chunk)
         self.epoch_of_state += 1
         return slot
 
-    def mark_written(self, slot: Slot) -> None:
+    def drop(self, chunk: int) -> None:
+        """Forget a held chunk (evicted, or committed as zeros); the caller punches it."""
+        del self.held[chunk]
+        self.dirty.discard(chunk)
+        self.epoch_of_state += 1
+
+    def mark_written(self, chunk: int, slot: Slot) -> None:
         """A change to ``slot``'s chunk has landed in the cache."""
         slot.version += 1
+        self.mark_dirty(chunk, slot)
+
+    def mark_dirty(self, chunk: int, slot: Slot) -> None:
         if not slot.dirty:
             slot.dirty = True
+            self.dirty.add(chunk)
             self.epoch_of_state += 1
+
+    def mark_clean(self, chunk: int, slot: Slot) -> None:
+        slot.dirty = False
+        self.dirty.discard(chunk)
+        self.epoch_of_state += 1
 
     def unpin(self, slot: Slot) -> None:
         slot.pins -= 1

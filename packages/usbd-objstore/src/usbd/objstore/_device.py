@@ -30,7 +30,7 @@ from usbd.core import BytesLike, Device, DeviceError, Extent, ExtentFlag, Fua, f
 from ._cache import CacheFiles, SavedState
 from ._chunks import Chunks, Frozen, Slot
 from ._codec import IntegrityError, Kind
-from ._manifest import Fenced, base_key, commit, data_key
+from ._manifest import CommitUncertain, Fenced, commit, data_key, seq_of_base
 from ._store import StoreError
 from ._uploader import Uploader
 from ._volume import OpenError, Volume
@@ -86,9 +86,17 @@ class ObjStoreDevice(Device):
         self._sequential_end = -1
         self._streak = 0
         self._ahead: set[int] = set()
-        self.chunks = Chunks(cache_objects, self._evict, self._want_round)
+        self._trusted = False
+        self.chunks = Chunks(cache_objects, self._evict, self._want_round, self._failure)
         self.chunks.remote = dict(volume.manifest.chunks)
         self.files = self._open_cache(cache_dir)
+        try:
+            self._start(volume, workers, flush_every)
+        except BaseException:
+            self.files.close(remove=False)
+            raise
+
+    def _start(self, volume: Volume, workers: int, flush_every: float) -> None:
         self._fetchers = ThreadPoolExecutor(max(1, workers), thread_name_prefix="usbd-objstore-get")
         self.uploader = Uploader(
             name=self.name,
@@ -103,12 +111,13 @@ class ObjStoreDevice(Device):
             every=flush_every,
             settled=self._settled,
         )
-        self._begin_epoch()
-        self.uploader.start()
-        volume.lease.keep(self._lost)
-        threading.Thread(target=self._collect_garbage, name="usbd-objstore-gc", daemon=True).start()
-        with self.chunks.lock:
-            recovered = sum(1 for slot in self.chunks.held.values() if slot.dirty)
+        try:
+            self._begin_epoch()
+        except BaseException:
+            self.uploader.close()
+            self._fetchers.shutdown()
+            raise
+        recovered = len(self.chunks.dirty)
         if recovered:
             log.warning(
                 "%s: %d object(s) written before the last stop were not in the bucket: "
@@ -116,6 +125,12 @@ class ObjStoreDevice(Device):
                 self.name,
                 recovered,
             )
+        if recovered and not self.persistent:
+            self._upload_recovered()
+        self.uploader.start()
+        volume.lease.keep(self._lost)
+        threading.Thread(target=self._collect_garbage, name="usbd-objstore-gc", daemon=True).start()
+        if recovered:
             self.uploader.request()
 
     # -- opening --------------------------------------------------------------------------
@@ -161,14 +176,17 @@ class ObjStoreDevice(Device):
             cache.close(remove=True)
             return CacheFiles(directory, self.size)
         self._epochs = list(saved.epochs)
-        kept = dropped = 0
+        self._trusted = saved.clean
+        dropped = 0
         for chunk, (generation, is_dirty) in sorted(saved.chunks.items()):
             if is_dirty or (saved.clean and generation == manifest.chunks.get(chunk, 0)):
                 self.chunks.add(chunk, dirty=is_dirty)
-                kept += 1
             else:
-                cache.punch(*self._span(chunk))
                 dropped += 1
+        # Everything else goes, listed or not: after an unclean stop the file can hold writes
+        # to chunks the state never heard of (written after its last save), which would come
+        # back as the chunk's content once it is next written without a fetch.
+        self._punch_all_but(cache, sorted(self.chunks.held))
         if not saved.clean and dropped:
             log.info(
                 "%s: not closed cleanly; %d cached object(s) dropped, %d dirty kept",
@@ -178,6 +196,34 @@ class ObjStoreDevice(Device):
             )
         return cache
 
+    def _punch_all_but(self, cache: CacheFiles, kept: list[int]) -> None:
+        start = 0
+        for chunk in [*kept, self._chunk_count()]:
+            end = chunk * self.object_size
+            if end > start:
+                cache.punch(start, min(end, self.size) - start)
+            start = (chunk + 1) * self.object_size
+
+    def _upload_recovered(self) -> None:
+        """Without a persistent cache, dirty data found at open (left by a close that could
+        not upload it) goes up before anything is served: this run's state is not kept."""
+        uploader = self.uploader
+        uploader.deadline = time.monotonic() + self.timeout
+        try:
+            done = uploader.round()
+        finally:
+            uploader.deadline = None
+        if not done or self.chunks.dirty:
+            uploader.close()
+            self._fetchers.shutdown()
+            raise OpenError(
+                f"the cache {self.files.directory} holds {len(self.chunks.dirty)} object(s) not "
+                f"in the bucket and they could not be uploaded ({self.volume.store.where} does "
+                "not take them): it is kept; start again once the store answers"
+            )
+        self._trusted = False
+        self._save(sync=False, force=True)
+
     def _begin_epoch(self) -> None:
         """Commit a new epoch before anything is uploaded (it fences a previous writer and
         makes this run's keys new), recording it in the cache state first, so that a crash
@@ -185,7 +231,10 @@ class ObjStoreDevice(Device):
         volume = self.volume
         epoch = volume.manifest.epoch + 1
         self._epochs = [*self._epochs[-7:], volume.manifest.epoch, epoch]
-        self._save(sync=False, force=True)
+        # Without a persistent cache, a recovered cache stays trusted (its state exact) until
+        # its dirty data is committed, which happens before anything is served. With one,
+        # writes come next and the state is exact no more.
+        self._save(sync=False, force=True, clean=self._trusted and not self.persistent)
         try:
             manifest, _garbage = commit(
                 volume.store,
@@ -195,10 +244,11 @@ class ObjStoreDevice(Device):
                 {},
                 epoch=epoch,
                 writer=volume.me,
+                deadline=time.monotonic() + self.timeout,
             )
         except Fenced as exc:
             raise OpenError(f"volume {self.name!r}: {exc}") from None
-        except StoreError as exc:
+        except (StoreError, CommitUncertain) as exc:
             raise OpenError(f"volume {self.name!r}: could not commit a new epoch: {exc}") from None
         volume.manifest = manifest
         self.uploader.manifest = manifest
@@ -416,7 +466,9 @@ class ObjStoreDevice(Device):
                     if not chunks.has_room():
                         chunks.make_room(wait=True)
                         continue
-                    slot = chunks.add(chunk)  # its bytes in the cache file are a hole
+                    # Its bytes in the cache file should be a hole already; make sure.
+                    self.files.punch(*self._span(chunk))
+                    slot = chunks.add(chunk)
                     slot.pins += 1
                     return slot
             if slot is not None:  # frozen for a round: keep its content for the round
@@ -428,9 +480,9 @@ class ObjStoreDevice(Device):
                 continue
             self._load(chunk, for_write=True)
 
-    def _done_writing(self, slot: Slot) -> None:
+    def _done_writing(self, chunk: int, slot: Slot) -> None:
         with self.chunks.lock:
-            self.chunks.mark_written(slot)
+            self.chunks.mark_written(chunk, slot)
             self.chunks.unpin(slot)
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
@@ -440,7 +492,7 @@ class ObjStoreDevice(Device):
             try:
                 self.files.write(offset + done, data[done : done + length])
             finally:
-                self._done_writing(slot)
+                self._done_writing(chunk, slot)
             done += length
 
     def try_write(self, offset: int, data: memoryview) -> int:
@@ -467,7 +519,7 @@ class ObjStoreDevice(Device):
         finally:
             with chunks.lock:
                 if wrote:
-                    chunks.mark_written(slot)
+                    chunks.mark_written(chunk, slot)
                 chunks.unpin(slot)
         return wrote
 
@@ -495,7 +547,7 @@ class ObjStoreDevice(Device):
             try:
                 self.files.punch(chunk * self.object_size + inside, size)
             finally:
-                self._done_writing(slot)
+                self._done_writing(chunk, slot)
 
     # -- flush, extents, cache --------------------------------------------------------------
 
@@ -505,24 +557,26 @@ class ObjStoreDevice(Device):
             self._save(sync=True)
             return
         uploader = self.uploader
-        deadline = time.monotonic() + self.timeout
+        start = time.monotonic()
         with self.chunks.lock:
-            if not any(slot.dirty for slot in self.chunks.held.values()):
+            if not self.chunks.dirty:
                 return
-            # A round that cuts after this FLUSH arrived has every write before it.
+            # A round that cuts after this FLUSH arrived has every write before it. Give up
+            # only when the store has taken nothing for the timeout: a slow store is waited
+            # for (an EIO here would make ext4 abort its journal).
             target = uploader.cut + 1
-            while uploader.committed < target and uploader.failure is None:
-                left = deadline - time.monotonic()
-                if left <= 0:
+            while uploader.committed < target and uploader.failure is None and not self._closed:
+                stalled = time.monotonic() - max(start, uploader.last_progress)
+                if stalled >= self.timeout:
                     break
                 uploader.request()
-                uploader.ended.wait(min(left, 1.0))
+                uploader.ended.wait(min(self.timeout - stalled, 1.0))
             committed = uploader.committed >= target
         self._check()
         if not committed:
             raise DeviceError(
                 errno.EIO,
-                f"FLUSH: the writes are not in the bucket after {self.timeout:.0f} s "
+                f"FLUSH: the store took nothing for {self.timeout:.0f} s "
                 f"({self.volume.store.where}); they stay in the cache and go up later",
             )
 
@@ -566,9 +620,15 @@ class ObjStoreDevice(Device):
     def _want_round(self) -> None:
         self.uploader.request()
 
+    def _failure(self) -> str | None:
+        if self._closed:
+            return f"volume {self.name!r} is closing"
+        uploader = getattr(self, "uploader", None)
+        return uploader.failure if uploader is not None else None
+
     def _settled(self) -> None:
         if self.persistent:
-            self._save(sync=False)
+            self._save(sync=True)
 
     def _lost(self, why: str) -> None:
         self.uploader.failure = f"lease lost: {why}"
@@ -577,18 +637,25 @@ class ObjStoreDevice(Device):
     def _save(self, *, sync: bool, force: bool = False, clean: bool = False) -> None:
         """Sync the cache file (``sync``) and then save the state, if it changed."""
         with self._saving:
-            if sync:
-                self.files.sync()
             chunks = self.chunks
             with chunks.lock:
-                if not force and not clean and chunks.epoch_of_state == self._saved:
-                    return
+                unchanged = chunks.epoch_of_state == self._saved
                 version = chunks.epoch_of_state
-                table = {
-                    chunk: (chunks.remote.get(chunk, 0), slot.dirty)
-                    for chunk, slot in chunks.held.items()
-                }
-            if not (self.persistent or clean or force) and not any(d for _g, d in table.values()):
+                table = (
+                    {}
+                    if unchanged and not (force or clean)
+                    else {
+                        chunk: (chunks.remote.get(chunk, 0), slot.dirty)
+                        for chunk, slot in chunks.held.items()
+                    }
+                )
+            # The data after the snapshot: every chunk it lists as dirty then has its bytes
+            # on disk before the state that names it is.
+            if sync:
+                self.files.sync()
+            if unchanged and not (force or clean):
+                return
+            if not (self.persistent or clean or force) and not chunks.dirty:
                 self._saved = version
                 return
             self.files.save_state(
@@ -619,8 +686,7 @@ class ObjStoreDevice(Device):
                 if key not in named and generation >> 32 < manifest.epoch:
                     doomed.append(key)
             for key in store.list(f"{self.name}/meta/", deadline=time.monotonic() + 600):
-                seq = int(key.rsplit(".", 1)[1], 16)
-                if key not in named and seq <= manifest.seq and key != base_key(self.name, 0):
+                if key not in named and seq_of_base(key) <= manifest.seq:
                     doomed.append(key)
             if doomed:
                 store.delete(doomed, deadline=time.monotonic() + 600)
@@ -633,19 +699,18 @@ class ObjStoreDevice(Device):
             return
         self._closed = True
         uploader = self.uploader
+        # Bounds the round under way too (its retries read the deadline), then close's own.
+        uploader.deadline = time.monotonic() + CLOSE_TIMEOUT
         uploader.stop()
         self._fetchers.shutdown(wait=True, cancel_futures=True)
-        uploader.deadline = time.monotonic() + CLOSE_TIMEOUT
         try:
-            while uploader.failure is None and uploader.round():
-                with self.chunks.lock:
-                    if not any(slot.dirty for slot in self.chunks.held.values()):
-                        break
+            while self.chunks.dirty and uploader.failure is None and uploader.round():
+                pass
         except Exception:
             log.exception("final upload of %s failed", self.name)
         uploader.close()
         with self.chunks.lock:
-            left = sum(1 for slot in self.chunks.held.values() if slot.dirty)
+            left = len(self.chunks.dirty)
         keep = self.persistent or left > 0
         try:
             if keep:

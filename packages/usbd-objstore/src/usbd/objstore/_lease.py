@@ -48,6 +48,21 @@ def _boot_id() -> str:
         return ""
 
 
+def _machine_id() -> str:
+    try:
+        return Path("/etc/machine-id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _pid_namespace() -> str:
+    """Which pid namespace we are in: a pid means something only inside its own."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
+
+
 def _start_time(pid: int) -> str:
     """The process's start time in clock ticks since boot ("" if unknown): with the pid, it
     names one process even after the pid is reused."""
@@ -65,16 +80,24 @@ def identity() -> dict[str, Any]:
         "pid": os.getpid(),
         "started": _start_time(os.getpid()),
         "boot": _boot_id(),
+        "machine": _machine_id(),
+        "pidns": _pid_namespace(),
         "token": uuid.uuid4().hex,
     }
 
 
 def _dead(holder: dict[str, Any]) -> bool:
-    """Whether ``holder`` is certainly not running: only decidable on its own host."""
+    """Whether ``holder`` is certainly not running: only decidable on its own machine (same
+    hostname and machine id: cloned machines share a hostname) and, for its pid, in its own
+    pid namespace (a container's pid 1 is not ours)."""
     if holder.get("host") != socket.gethostname():
         return False
+    if holder.get("machine", "") != _machine_id():
+        return False
     if holder.get("boot") and holder.get("boot") != _boot_id():
-        return True  # the host rebooted since
+        return True  # the machine rebooted since
+    if not holder.get("pidns") or holder.get("pidns") != _pid_namespace():
+        return False
     pid = int(holder.get("pid", 0))
     if pid <= 0:
         return False
@@ -101,7 +124,21 @@ class Lease:
         self.lost = False
 
     def _body(self) -> bytes:
-        return json.dumps({**self.me, "renewed": time.time(), "ttl": TTL}).encode()
+        body = {**self.me, "renewed": time.time(), "ttl": TTL}
+        return json.dumps(body).encode()
+
+    def _still_ours(self) -> bool:
+        """After a failed renewal: whether the lease is ours after all (a retried renewal
+        whose first attempt had landed fails its own condition); adopts its ETag if so."""
+        try:
+            blob, etag = self.store.get_tagged(self.key, deadline=time.monotonic() + TTL / 4)
+            holder = json.loads(blob)
+        except (StoreError, ValueError):
+            return True  # cannot tell now: the next renewal asks again
+        if holder.get("token") != self.me["token"]:
+            return False
+        self._etag = etag
+        return True
 
     def take(self, *, takeover: bool, deadline: float | None) -> str | None:
         """Take the lease, or raise :class:`LeaseHeld`. Returns a note when it was taken over
@@ -163,6 +200,8 @@ class Lease:
                         deadline=time.monotonic() + TTL / 4,
                     )
                 except PreconditionFailed:
+                    if self._still_ours():
+                        continue
                     self.lost = True
                     on_lost(f"{self.key} was taken over by another daemon")
                     return

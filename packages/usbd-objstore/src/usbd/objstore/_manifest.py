@@ -5,7 +5,7 @@ The bucket holds, under the volume's name::
     <name>/manifest                          the head: the only object ever replaced
     <name>/lease                             who may write (see _lease.py)
     <name>/data/<chunk:08x>.<gen:016x>       one chunk's bytes at one generation, never replaced
-    <name>/meta/base.<seq:016x>              the full chunk map as of commit <seq>, never replaced
+    <name>/meta/base.<seq:016x>-<attempt>    the full chunk map as of commit <seq>, never replaced
 
 Data objects are immutable: an upload of chunk 7 writes a new key with a new generation. The
 device is whatever the head names, so the remote copy changes only when the head is replaced,
@@ -23,6 +23,11 @@ changes since. Most commits rewrite only the head; when the changes outgrow
 ``If-Match`` on the ETag of the head this writer last committed: a writer whose lease was taken
 over finds the head changed and stops (:class:`Fenced`) instead of overwriting.
 
+Each commit attempt carries a random ``attempt`` id in the public part. A commit whose answer
+was lost (or that raised after it may have landed: :class:`CommitUncertain`) is settled by
+reading the head back: it is ours only if it carries our attempt id, never merely the same
+commit number.
+
 Generations are ``epoch << 32 | counter``: the epoch goes up by one each time a writer opens
 the volume (committed before it uploads anything), so two runs never make the same key, even
 when the first crashed after uploading objects it never committed.
@@ -35,16 +40,18 @@ import json
 import logging
 import struct
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ._codec import Codec, Compression, IntegrityError, Kind
-from ._store import NotFound, ObjectStore, PreconditionFailed
+from ._store import Deadline, NotFound, ObjectStore, PreconditionFailed, StoreError
 
 __all__ = [
     "COMPACT_AT",
     "FORMAT",
+    "CommitUncertain",
     "Fenced",
     "Manifest",
     "ManifestError",
@@ -56,6 +63,8 @@ __all__ = [
     "head_key",
     "load",
     "read_public",
+    "seq_of_base",
+    "settle_uncertain",
 ]
 
 log = logging.getLogger("usbd.objstore")
@@ -74,6 +83,15 @@ class ManifestError(Exception):
 
 class Fenced(Exception):
     """Another writer committed to the volume since this one last did: stop writing."""
+
+
+class CommitUncertain(Exception):
+    """A commit failed in a way that does not say whether the head was replaced; ``attempt``
+    is the manifest it tried to publish (see :func:`settle_uncertain`)."""
+
+    def __init__(self, message: str, attempt: Manifest) -> None:
+        super().__init__(message)
+        self.attempt = attempt
 
 
 @dataclass(frozen=True)
@@ -100,6 +118,8 @@ class Manifest:
     base: dict[str, Any] | None = None
     deltas: Mapping[int, int] = field(default_factory=dict)
     etag: str = ""
+    #: The random id of the commit attempt that published this head.
+    attempt: str = ""
 
 
 def head_key(name: str) -> str:
@@ -110,8 +130,13 @@ def data_key(name: str, chunk: int, generation: int) -> str:
     return f"{name}/data/{chunk:08x}.{generation:016x}"
 
 
-def base_key(name: str, seq: int) -> str:
-    return f"{name}/meta/base.{seq:016x}"
+def base_key(name: str, seq: int, attempt: str) -> str:
+    return f"{name}/meta/base.{seq:016x}-{attempt}"
+
+
+def seq_of_base(key: str) -> int:
+    """The commit number in a base's key."""
+    return int(key.rsplit(".", 1)[1].split("-", 1)[0], 16)
 
 
 def read_public(blob: bytes, name: str) -> tuple[dict[str, Any], bytes, bytes]:
@@ -152,6 +177,7 @@ def _encode(
         "seq": manifest.seq,
         "epoch": manifest.epoch,
         "writer": manifest.writer,
+        "attempt": manifest.attempt,
         "committed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     raw = json.dumps(public, sort_keys=True).encode()
@@ -174,7 +200,9 @@ def _unpack_map(data: bytes) -> dict[int, int]:
     return {c: g for c, g in _PAIR.iter_unpack(data)}
 
 
-def load(store: ObjectStore, name: str, codec_for: Any) -> Manifest | None:
+def load(
+    store: ObjectStore, name: str, codec_for: Any, deadline: Deadline = None
+) -> Manifest | None:
     """The committed head of volume ``name``, or None if there is none.
 
     ``codec_for(public)`` gives the codec for the volume the public part describes (it checks
@@ -182,7 +210,7 @@ def load(store: ObjectStore, name: str, codec_for: Any) -> Manifest | None:
     """
     key = head_key(name)
     try:
-        blob, etag = store.get_tagged(key)
+        blob, etag = store.get_tagged(key, deadline=deadline)
     except NotFound:
         return None
     public, raw, sealed = read_public(blob, key)
@@ -197,7 +225,7 @@ def load(store: ObjectStore, name: str, codec_for: Any) -> Manifest | None:
     chunks: dict[int, int] = {}
     base = body.get("base")
     if base is not None:
-        blob = store.get(base["key"])
+        blob = store.get(base["key"], deadline=deadline)
         if hashlib.sha256(blob).hexdigest() != base["sha256"]:
             raise ManifestError(f"{base['key']}: not the base {key} names (replaced or damaged)")
         try:
@@ -222,16 +250,22 @@ def load(store: ObjectStore, name: str, codec_for: Any) -> Manifest | None:
         base,
         deltas,
         etag,
+        str(public.get("attempt", "")),
     )
 
 
 def create(
-    store: ObjectStore, name: str, codec: Codec, params: Params, writer: dict[str, Any]
+    store: ObjectStore,
+    name: str,
+    codec: Codec,
+    params: Params,
+    writer: dict[str, Any],
+    deadline: Deadline = None,
 ) -> Manifest:
     """A new, empty volume's first head (only if there is no head yet)."""
-    manifest = Manifest(codec.volume, params, 1, 1, writer, {})
+    manifest = Manifest(codec.volume, params, 1, 1, writer, {}, attempt=uuid.uuid4().hex[:16])
     blob = _encode(manifest, codec, None, {})
-    etag = store.put(head_key(name), blob, if_none_match=True)
+    etag = store.put(head_key(name), blob, if_none_match=True, deadline=deadline)
     return replace(manifest, etag=etag)
 
 
@@ -244,10 +278,12 @@ def commit(
     *,
     epoch: int | None = None,
     writer: dict[str, Any] | None = None,
+    deadline: Deadline = None,
 ) -> tuple[Manifest, list[str]]:
     """Publish ``current`` with ``changes`` (chunk -> new generation, 0: now zeros), and maybe
     a new epoch. Returns the new head and the keys that no longer belong to the volume (to be
-    deleted now that it is committed). Raises :class:`Fenced` if another writer committed."""
+    deleted now that it is committed). Raises :class:`Fenced` if another writer committed,
+    :class:`CommitUncertain` if it cannot tell whether the head was replaced."""
     chunks = dict(current.chunks)
     deltas = dict(current.deltas)
     garbage = []
@@ -261,18 +297,20 @@ def commit(
             chunks.pop(chunk, None)
         deltas[chunk] = generation
     seq = current.seq + 1
+    attempt = uuid.uuid4().hex[:16]
     new = replace(
         current,
         seq=seq,
         epoch=current.epoch if epoch is None else epoch,
         writer=current.writer if writer is None else writer,
         chunks=chunks,
+        attempt=attempt,
     )
     base = current.base
     if len(deltas) > COMPACT_AT:
-        key = base_key(name, seq)
+        key = base_key(name, seq, attempt)
         blob = codec.seal(Kind.BASE, seq, new.epoch, _pack_map(chunks))
-        store.put(key, blob)
+        store.put(key, blob, deadline=deadline)
         if base is not None:
             garbage.append(base["key"])
         base = {
@@ -285,20 +323,35 @@ def commit(
         deltas = {}
     blob = _encode(new, codec, base, deltas)
     key = head_key(name)
+    new = replace(new, base=base, deltas=deltas)
     try:
-        etag = store.put(key, blob, if_match=current.etag)
+        etag = store.put(key, blob, if_match=current.etag, deadline=deadline)
     except PreconditionFailed:
-        etag = _ours_after_all(store, key, new)
-    return replace(new, base=base, deltas=deltas, etag=etag), garbage
+        etag = _ours_after_all(store, key, new, current, deadline)
+    except StoreError as exc:
+        raise CommitUncertain(f"commit {seq} of {name}: {exc}", new) from exc
+    return replace(new, etag=etag), garbage
 
 
-def _ours_after_all(store: ObjectStore, key: str, new: Manifest) -> str:
-    """After a failed conditional commit: our own commit if a retry lost its first answer
-    (the head is then the one we sent), else :class:`Fenced` naming who committed."""
-    blob, etag = store.get_tagged(key)
+def settle_uncertain(
+    store: ObjectStore, name: str, current: Manifest, attempt: Manifest, deadline: Deadline
+) -> Manifest:
+    """After :class:`CommitUncertain`: the head in force, ``attempt`` (it landed) or
+    ``current`` (it did not); :class:`Fenced` if someone else's is there."""
+    key = head_key(name)
+    etag = _ours_after_all(store, key, attempt, current, deadline)
+    return current if etag == current.etag else replace(attempt, etag=etag)
+
+
+def _ours_after_all(
+    store: ObjectStore, key: str, new: Manifest, current: Manifest, deadline: Deadline
+) -> str:
+    """The head's ETag if it is ``new`` (a retry lost the first attempt's answer) or still
+    ``current``; else :class:`Fenced` naming who committed."""
+    blob, etag = store.get_tagged(key, deadline=deadline)
     public, _raw, _sealed = read_public(blob, key)
     writer = public.get("writer", {})
-    if public.get("seq") == new.seq and writer.get("token") == new.writer.get("token"):
+    if public.get("attempt") == new.attempt or etag == current.etag:
         return etag
     raise Fenced(
         f"the volume was committed by {writer.get('host', '?')} pid {writer.get('pid', '?')} "

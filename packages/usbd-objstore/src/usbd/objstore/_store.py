@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import boto3
+from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import (
@@ -44,10 +45,12 @@ from botocore.exceptions import (
     ClientError,
     ConnectionError,
     HTTPClientError,
+    IncompleteReadError,
     NoCredentialsError,
 )
 
 __all__ = [
+    "Deadline",
     "LocalStore",
     "NotFound",
     "ObjectStore",
@@ -61,6 +64,11 @@ __all__ = [
 log = logging.getLogger("usbd.objstore")
 
 T = TypeVar("T")
+
+#: When to stop retrying: ``time.monotonic()`` seconds, None for never, or a function giving
+#: either, asked before each retry (so that a caller can shorten the wait of a call under way,
+#: as close does for the uploader's).
+Deadline = float | Callable[[], float | None] | None
 
 #: Objects at least this large go up as multipart uploads, in parts of this size.
 MULTIPART_THRESHOLD = 16 << 20
@@ -104,11 +112,11 @@ class ObjectStore:
     #: For log lines and messages: where the objects are (never a secret).
     where: str = ""
 
-    def get(self, key: str, deadline: float | None = None) -> bytes:
+    def get(self, key: str, deadline: Deadline = None) -> bytes:
         """The whole object."""
         raise NotImplementedError
 
-    def get_tagged(self, key: str, deadline: float | None = None) -> tuple[bytes, str]:
+    def get_tagged(self, key: str, deadline: Deadline = None) -> tuple[bytes, str]:
         """The whole object and its ETag (the value a later ``if_match`` names)."""
         raise NotImplementedError
 
@@ -119,21 +127,21 @@ class ObjectStore:
         *,
         if_match: str | None = None,
         if_none_match: bool = False,
-        deadline: float | None = None,
+        deadline: Deadline = None,
     ) -> str:
         """Store ``data`` under ``key`` (only if the key is absent, or only if its ETag is
         ``if_match``) and return the new ETag."""
         raise NotImplementedError
 
-    def delete(self, keys: Sequence[str], deadline: float | None = None) -> None:
+    def delete(self, keys: Sequence[str], deadline: Deadline = None) -> None:
         """Remove ``keys``; absent ones are not an error."""
         raise NotImplementedError
 
-    def list(self, prefix: str, deadline: float | None = None) -> Iterator[str]:
+    def list(self, prefix: str, deadline: Deadline = None) -> Iterator[str]:
         """Every key that starts with ``prefix``, however many pages that takes."""
         raise NotImplementedError
 
-    def check(self, deadline: float | None = None) -> None:
+    def check(self, deadline: Deadline = None) -> None:
         """Raise :class:`Refused` or :class:`Unavailable` if the bucket cannot be used."""
         raise NotImplementedError
 
@@ -141,9 +149,9 @@ class ObjectStore:
         """Release connections."""
 
 
-def retrying(call: Callable[[], T], deadline: float | None) -> T:
-    """``call()``, retried on :class:`Unavailable` with backoff until ``deadline``
-    (``time.monotonic()`` seconds; None: for ever). The last failure is raised."""
+def retrying(call: Callable[[], T], deadline: Deadline) -> T:
+    """``call()``, retried on :class:`Unavailable` with backoff until ``deadline``. The last
+    failure is raised."""
     delay = _BACKOFF_FIRST
     attempts = 0
     while True:
@@ -152,7 +160,8 @@ def retrying(call: Callable[[], T], deadline: float | None) -> T:
         except Unavailable as exc:
             attempts += 1
             now = time.monotonic()
-            if deadline is not None and now + delay > deadline:
+            limit = deadline() if callable(deadline) else deadline
+            if limit is not None and now + delay > limit:
                 raise
             if attempts in (1, 10) or attempts % 100 == 0:
                 log.warning("%s; retrying (attempt %d)", exc, attempts)
@@ -163,7 +172,7 @@ def retrying(call: Callable[[], T], deadline: float | None) -> T:
 # -- S3 -------------------------------------------------------------------------------------
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
-_PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
+_PRECONDITION = {"PreconditionFailed", "412"}
 _CREDENTIALS = {
     "InvalidAccessKeyId",
     "SignatureDoesNotMatch",
@@ -172,6 +181,8 @@ _CREDENTIALS = {
     "AuthorizationHeaderMalformed",
 }
 _TRANSIENT = {
+    # 409 on a conditional write: another write to the key was under way; S3 says retry.
+    "ConditionalRequestConflict",
     "SlowDown",
     "RequestTimeout",
     "RequestTimeTooSkewed",
@@ -223,7 +234,7 @@ class S3Store(ObjectStore):
             use_threads=True,
         )
 
-    def _call(self, what: str, key: str, call: Callable[[], T], deadline: float | None) -> T:
+    def _call(self, what: str, key: str, call: Callable[[], T], deadline: Deadline) -> T:
         return retrying(lambda: self._translate(what, key, call), deadline)
 
     def _translate(self, what: str, key: str, call: Callable[[], T]) -> T:
@@ -238,12 +249,12 @@ class S3Store(ObjectStore):
                 raise Refused(f"bucket {self.bucket!r} does not exist", key, "bucket") from None
             if code in _NOT_FOUND or (status == 404 and not code):
                 raise NotFound(message, key) from None
+            if code in _TRANSIENT or status >= 500 or status in (408, 409, 429):
+                raise Unavailable(message, key) from None
             if code in _PRECONDITION or status == 412:
                 raise PreconditionFailed(message, key) from None
             if code in _CREDENTIALS:
                 raise Refused(message, key, "credentials") from None
-            if code in _TRANSIENT or status >= 500 or status in (408, 429):
-                raise Unavailable(message, key) from None
             raise Refused(message, key, "denied") from None
         except NoCredentialsError:
             raise Refused(
@@ -252,15 +263,17 @@ class S3Store(ObjectStore):
                 key,
                 "credentials",
             ) from None
-        except (ConnectionError, HTTPClientError) as exc:
+        except (ConnectionError, HTTPClientError, IncompleteReadError, S3UploadFailedError) as exc:
+            # A connection refused, reset or cut short, a timeout, a multipart upload that
+            # failed part-way: all worth another try.
             raise Unavailable(f"{what} {key}: {exc}", key) from None
         except BotoCoreError as exc:
             raise Refused(f"{what} {key}: {exc}", key, "denied") from None
 
-    def get(self, key: str, deadline: float | None = None) -> bytes:
+    def get(self, key: str, deadline: Deadline = None) -> bytes:
         return self.get_tagged(key, deadline)[0]
 
-    def get_tagged(self, key: str, deadline: float | None = None) -> tuple[bytes, str]:
+    def get_tagged(self, key: str, deadline: Deadline = None) -> tuple[bytes, str]:
         def call() -> tuple[bytes, str]:
             answer = self._client.get_object(Bucket=self.bucket, Key=key)
             body = answer["Body"]
@@ -279,7 +292,7 @@ class S3Store(ObjectStore):
         *,
         if_match: str | None = None,
         if_none_match: bool = False,
-        deadline: float | None = None,
+        deadline: Deadline = None,
     ) -> str:
         conditions: dict[str, str] = {}
         if if_match is not None:
@@ -300,7 +313,7 @@ class S3Store(ObjectStore):
         # caller tells that apart by reading the key back (see _manifest.commit).
         return self._call("PUT", key, call, deadline)
 
-    def delete(self, keys: Sequence[str], deadline: float | None = None) -> None:
+    def delete(self, keys: Sequence[str], deadline: Deadline = None) -> None:
         for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000
             batch = [{"Key": key} for key in keys[start : start + 1000]]
 
@@ -318,7 +331,7 @@ class S3Store(ObjectStore):
 
             self._call("DELETE", batch[0]["Key"], call, deadline)
 
-    def list(self, prefix: str, deadline: float | None = None) -> Iterator[str]:
+    def list(self, prefix: str, deadline: Deadline = None) -> Iterator[str]:
         token: str | None = None
         while True:
 
@@ -336,10 +349,13 @@ class S3Store(ObjectStore):
                 return
             token = page.get("NextContinuationToken")
 
-    def check(self, deadline: float | None = None) -> None:
-        self._call(
-            "HEAD", self.bucket, lambda: self._client.head_bucket(Bucket=self.bucket), deadline
-        )
+    def check(self, deadline: Deadline = None) -> None:
+        try:
+            self._call(
+                "HEAD", self.bucket, lambda: self._client.head_bucket(Bucket=self.bucket), deadline
+            )
+        except NotFound:  # HEAD has no body, so no NoSuchBucket code: a bare 404
+            raise Refused(f"bucket {self.bucket!r} does not exist", self.bucket, "bucket") from None
 
     def close(self) -> None:
         self._client.close()
@@ -392,10 +408,10 @@ class LocalStore(ObjectStore):
                 raise Refused(f"{what} {key}: {exc.strerror}", key) from None
             raise Unavailable(f"{what} {key}: {exc.strerror}", key) from None
 
-    def get(self, key: str, deadline: float | None = None) -> bytes:
+    def get(self, key: str, deadline: Deadline = None) -> bytes:
         return self._translate("GET", key, self._path(key).read_bytes)
 
-    def get_tagged(self, key: str, deadline: float | None = None) -> tuple[bytes, str]:
+    def get_tagged(self, key: str, deadline: Deadline = None) -> tuple[bytes, str]:
         data = self.get(key)
         return data, _etag(data)
 
@@ -416,7 +432,7 @@ class LocalStore(ObjectStore):
         *,
         if_match: str | None = None,
         if_none_match: bool = False,
-        deadline: float | None = None,
+        deadline: Deadline = None,
     ) -> str:
         path = self._path(key)
 
@@ -454,7 +470,7 @@ class LocalStore(ObjectStore):
 
         return self._translate("PUT", key, call)
 
-    def delete(self, keys: Sequence[str], deadline: float | None = None) -> None:
+    def delete(self, keys: Sequence[str], deadline: Deadline = None) -> None:
         parents = set()
         for key in keys:
             path = self._path(key)
@@ -465,7 +481,7 @@ class LocalStore(ObjectStore):
             with contextlib.suppress(FileNotFoundError):
                 _fsync_dir(parent)
 
-    def list(self, prefix: str, deadline: float | None = None) -> Iterator[str]:
+    def list(self, prefix: str, deadline: Deadline = None) -> Iterator[str]:
         found = []
         for directory, _dirs, files in os.walk(self.root):
             for name in files:
@@ -476,7 +492,7 @@ class LocalStore(ObjectStore):
                     found.append(key)
         yield from sorted(found)
 
-    def check(self, deadline: float | None = None) -> None:
+    def check(self, deadline: Deadline = None) -> None:
         if not self.root.is_dir():
             raise Refused(f"{self.root} is not a directory", str(self.root), "bucket")
         if not os.access(self.root, os.W_OK | os.X_OK):

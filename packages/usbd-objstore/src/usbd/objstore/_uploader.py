@@ -26,12 +26,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from usbd.core import DeviceError, format_size
+from usbd.core import DeviceError
 
 from ._cache import CacheFiles
 from ._chunks import Chunks, Frozen, Slot
 from ._codec import Codec, Kind
-from ._manifest import Fenced, Manifest, commit, data_key
+from ._manifest import CommitUncertain, Fenced, Manifest, commit, data_key, settle_uncertain
 from ._store import ObjectStore, StoreError
 
 __all__ = ["Uploader"]
@@ -78,10 +78,17 @@ class Uploader:
         #: Set for good when the volume was fenced or a commit failed for a reason that
         #: retrying cannot fix; every write and flush then fails.
         self.failure: str | None = None
-        #: Store calls' deadline while closing (None: retry until the store is back).
+        #: Store calls' deadline while closing (None: retry until the store is back); read
+        #: before each retry, so setting it also bounds the calls under way.
         self.deadline: float | None = None
         self._counter = 0
+        self._counting = threading.Lock()
         self.uploaded_bytes = 0
+        #: A commit that raised without saying whether it landed (see _commit).
+        self._uncertain: Manifest | None = None
+        #: When a store call last succeeded: a FLUSH gives up only when nothing has moved
+        #: for its timeout, not when the store is merely slow.
+        self.last_progress = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="usbd-objstore-upload", daemon=True)
 
     def start(self) -> None:
@@ -91,11 +98,16 @@ class Uploader:
         """Ask for a round soon (called with or without the table's lock)."""
         self._wake.set()
 
+    def _deadline(self) -> float | None:
+        return self.deadline
+
     def _generation(self) -> int:
-        self._counter += 1
-        if self._counter >= 1 << 32:
+        with self._counting:  # uploads run in the pool's threads
+            self._counter += 1
+            counter = self._counter
+        if counter >= 1 << 32:
             raise DeviceError(errno.EIO, "this run made 2^32 uploads: restart to take a new epoch")
-        return (self.manifest.epoch << 32) | self._counter
+        return (self.manifest.epoch << 32) | counter
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -104,7 +116,8 @@ class Uploader:
             if self._stop.is_set():
                 break
             try:
-                self.round()
+                if not self.round() and self.failure is None:
+                    time.sleep(0.5)  # a round that failed fast is not retried in a spin
             except Exception:
                 log.exception("upload round failed")
 
@@ -114,7 +127,7 @@ class Uploader:
         stopped."""
         chunks = self.chunks
         with chunks.lock:
-            cut = [(c, slot, slot.version) for c, slot in chunks.held.items() if slot.dirty]
+            cut = [(c, chunks.held[c], chunks.held[c].version) for c in sorted(chunks.dirty)]
             for _chunk, slot, _version in cut:
                 slot.frozen = Frozen.PENDING
             self.cut += 1
@@ -124,27 +137,11 @@ class Uploader:
             if not cut or self.failure is not None:
                 committed = not cut
                 return committed
-            futures = [self._pool.submit(self._upload, c, slot) for c, slot, _v in cut]
-            changes: dict[int, int] = {}
-            failed: BaseException | None = None
-            for (chunk, _slot, _version), future in zip(cut, futures, strict=True):
-                try:
-                    changes[chunk] = future.result()
-                except BaseException as exc:
-                    failed = failed or exc
-            if failed is not None:
-                log.warning("upload round %d stopped: %s", number, failed)
+            changes = self._upload_all(number, cut)
+            if changes is None:
                 return False
-            try:
-                self.manifest, garbage = commit(
-                    self.store, self.name, self.codec, self.manifest, changes
-                )
-            except Fenced as exc:
-                self.failure = f"fenced: {exc}"
-                log.error("stopping writes to %s: %s", self.name, self.failure)  # noqa: TRY400
-                return False
-            except StoreError as exc:
-                log.warning("commit of round %d failed: %s", number, exc)
+            garbage = self._commit(number, changes)
+            if garbage is None:
                 return False
             committed = True
             with chunks.lock:
@@ -155,18 +152,28 @@ class Uploader:
                     else:
                         chunks.remote.pop(chunk, None)
                     if slot.version == version:
-                        slot.dirty = False
+                        chunks.mark_clean(chunk, slot)
                         if not generation and slot.pins == 0:
                             # All zeros: nothing to keep, and a hole again for block status.
-                            del chunks.held[chunk]
+                            chunks.drop(chunk)
                             self.cache.punch(*self._span(chunk))
-                chunks.epoch_of_state += 1
+            self._progress()
+            try:
+                self._settled()
+            except Exception:
+                # The state file still calls these chunks dirty: they must not be evicted
+                # (a restart would take the hole for their data), so they stay dirty here too
+                # and go up again with the next round.
+                log.exception("saving the cache state after round %d failed", number)
+                with chunks.lock:
+                    for chunk, slot, _version in cut:
+                        if chunks.held.get(chunk) is slot:
+                            chunks.mark_dirty(chunk, slot)
             if garbage:
                 try:
                     self.store.delete(garbage, deadline=time.monotonic() + 30)
                 except StoreError as exc:
                     log.info("superseded objects left for the next open's cleanup: %s", exc)
-            self._settled()
             return True
         finally:
             with chunks.lock:
@@ -181,6 +188,49 @@ class Uploader:
                 chunks.changed.notify_all()
             if cut and committed:
                 log.debug("round %d committed %d chunk(s)", number, len(cut))
+
+    def _upload_all(self, number: int, cut: list[tuple[int, Slot, int]]) -> dict[int, int] | None:
+        """Every chunk of the cut uploaded: chunk -> generation (0: zeros), or None."""
+        futures = [self._pool.submit(self._upload, c, slot) for c, slot, _v in cut]
+        changes: dict[int, int] = {}
+        failed: BaseException | None = None
+        for (chunk, _slot, _version), future in zip(cut, futures, strict=True):
+            try:
+                changes[chunk] = future.result()
+            except BaseException as exc:
+                failed = failed or exc
+        if failed is not None:
+            log.warning("upload round %d stopped: %s", number, failed)
+            return None
+        return changes
+
+    def _commit(self, number: int, changes: dict[int, int]) -> list[str] | None:
+        """Publish the round; the keys it supersedes, or None if it is not committed."""
+        try:
+            if self._uncertain is not None:
+                # The last commit may have landed: find out before building on it.
+                self.manifest = settle_uncertain(
+                    self.store, self.name, self.manifest, self._uncertain, self._deadline
+                )
+                self._uncertain = None
+            self.manifest, garbage = commit(
+                self.store, self.name, self.codec, self.manifest, changes, deadline=self._deadline
+            )
+        except Fenced as exc:
+            self.failure = f"fenced: {exc}"
+            log.error("stopping writes to %s: %s", self.name, self.failure)  # noqa: TRY400
+            return None
+        except CommitUncertain as exc:
+            self._uncertain = exc.attempt
+            log.warning("commit of round %d may not have landed: %s", number, exc)
+            return None
+        except StoreError as exc:
+            log.warning("commit of round %d failed: %s", number, exc)
+            return None
+        return garbage
+
+    def _progress(self) -> None:
+        self.last_progress = time.monotonic()
 
     def _span(self, chunk: int) -> tuple[int, int]:
         start = chunk * self.object_size
@@ -197,8 +247,10 @@ class Uploader:
             return 0
         generation = self._generation()
         blob = self.codec.seal(Kind.DATA, chunk, generation, data)
-        self.store.put(data_key(self.name, chunk, generation), blob, deadline=self.deadline)
-        self.uploaded_bytes += len(blob)
+        self.store.put(data_key(self.name, chunk, generation), blob, deadline=self._deadline)
+        self._progress()
+        with self._counting:
+            self.uploaded_bytes += len(blob)
         return generation
 
     def stop(self) -> None:
@@ -209,11 +261,6 @@ class Uploader:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-
-    def describe_dirty(self) -> str:
-        with self.chunks.lock:
-            count = sum(1 for slot in self.chunks.held.values() if slot.dirty)
-        return f"{count} object(s), {format_size(count * self.object_size)}"
 
 
 _ZERO_PAGE = bytes(1 << 20)

@@ -113,7 +113,7 @@ def open_volume(
     if note:
         log.warning("%s", note)
     try:
-        volume = _open_manifest(store, name, wanted, given, key_for, lease, me)
+        volume = _open_manifest(store, name, wanted, given, key_for, lease, me, deadline)
     except BaseException:
         lease.release()
         raise
@@ -136,6 +136,7 @@ def _open_manifest(
     key_for: Callable[[str], bytes | None],
     lease: Lease,
     me: dict[str, Any],
+    deadline: float,
 ) -> Volume:
     chosen: dict[str, Any] = {}
 
@@ -149,14 +150,14 @@ def _open_manifest(
         )
 
     try:
-        manifest = load(store, name, codec_for)
+        manifest = load(store, name, codec_for, deadline)
         created = False
         if manifest is None:
             codec = Codec(
                 uuid.uuid4().bytes, compression_of(wanted.compression), key_for(wanted.encryption)
             )
             try:
-                manifest = create(store, name, codec, wanted, me)
+                manifest = create(store, name, codec, wanted, me, deadline)
             except PreconditionFailed:
                 raise OpenError(f"volume {name!r} was created by someone else just now") from None
             created = True
