@@ -350,12 +350,14 @@ class S3Store(ObjectStore):
             token = page.get("NextContinuationToken")
 
     def check(self, deadline: Deadline = None) -> None:
-        try:
-            self._call(
-                "HEAD", self.bucket, lambda: self._client.head_bucket(Bucket=self.bucket), deadline
-            )
-        except NotFound:  # HEAD has no body, so no NoSuchBucket code: a bare 404
-            raise Refused(f"bucket {self.bucket!r} does not exist", self.bucket, "bucket") from None
+        # A LIST rather than HEAD: HEAD answers have no body, so a refusal comes as a bare
+        # 403 or 404 without the code that says which (wrong secret, no such bucket).
+        self._call(
+            "LIST",
+            self.bucket,
+            lambda: self._client.list_objects_v2(Bucket=self.bucket, MaxKeys=1),
+            deadline,
+        )
 
     def close(self) -> None:
         self._client.close()
