@@ -268,6 +268,66 @@ class Bad:
 
 SIZE_UNITS = ("512, 4KiB, 100 MiB, 1.5GiB or 2TB", "MiB", "GiB")
 
+OBJSTORE = ("usbd-objstore",)
+#: usbd-objstore's own refusals (the values the original accepted and this one does not).
+OBJSTORE_BAD = [
+    Bad(
+        "aes-ctr",
+        ("-objstore-aesmode=aes-ctr",),
+        "-objstore-aesmode: aes-ctr is refused: it does not authenticate",
+        ("use aes-gcm",),
+        progs=OBJSTORE,
+    ),
+    Bad(
+        "s2",
+        ("-objstore-compress=s2",),
+        "-objstore-compress: s2 is not",
+        ("use zstd",),
+        progs=OBJSTORE,
+    ),
+    Bad(
+        "kind-b2",
+        ("-objstore-kind=b2",),
+        "-objstore-kind: kind 'b2' is not available yet",
+        ("s3", "local"),
+        progs=OBJSTORE,
+    ),
+    Bad(
+        "objsize",
+        ("-objstore-objsize=3KiB",),
+        "-objstore-objsize: invalid object size 3.0 KiB",
+        ("a multiple of 4 KiB",),
+        progs=OBJSTORE,
+    ),
+    Bad(
+        "flushevery",
+        ("-objstore-flushevery=soon",),
+        "-objstore-flushevery: invalid duration 'soon'",
+        ("10s", "500ms"),
+        progs=OBJSTORE,
+    ),
+    Bad(
+        "cfg-not-json",
+        ("-objstore-cfg={not json, secret_key: hunter2",),
+        "-objstore-cfg: not valid JSON",
+        progs=OBJSTORE,
+    ),
+    Bad(
+        "cfg-unknown-key",
+        ('-objstore-cfg={"bukket": "b", "secret_key": "hunter2"}',),
+        "-objstore-cfg: unknown key(s) bukket for kind s3",
+        ("endpoint", "secret_key"),
+        progs=OBJSTORE,
+    ),
+    Bad(
+        "diskcache-too-small",
+        ("-objstore-kind=local", "-store-dir={dir}", "-objstore-diskcache=1MiB"),
+        "-objstore-diskcache: 1.0 MiB holds fewer than 4 objects of 1.0 MiB",
+        ("give at least 4.0 MiB",),
+        progs=OBJSTORE,
+    ),
+]
+
 BAD_INPUTS = [
     Bad("unknown-flag", ("-store-sise=1MiB",), "unknown flag -store-sise", ("-store-size",)),
     Bad("unknown-gnu-flag", ("--bogus", "1"), "unknown flag -bogus", ("see -help",), progs=SRVD),
@@ -419,6 +479,7 @@ BAD_INPUTS = [
         env={"USBD_CONFIG": "{dir}/missing.toml"},
         progs=SRVD,
     ),
+    *OBJSTORE_BAD,
 ]
 
 

@@ -232,6 +232,15 @@ def _config(options: ObjStoreOptions) -> dict[str, Any]:
             config["bucket"] = DEFAULT_S3["bucket"]
         if "path_style" in config and not isinstance(config["path_style"], bool):
             raise OptionError("objstore-cfg", "path_style: expected true or false")
+        if bool(config.get("access_key_id")) != bool(config.get("secret_key")):
+            raise OptionError(
+                "objstore-cfg",
+                "access_key_id and secret_key go together: give both, or neither for boto3's "
+                "credential chain",
+            )
+        for key in _S3_KEYS[:5]:
+            if key in config and not isinstance(config[key], str):
+                raise OptionError("objstore-cfg", f"{key}: expected a string")
     return config
 
 
@@ -255,7 +264,23 @@ def _store(settings: CommonSettings, options: ObjStoreOptions) -> tuple[ObjectSt
     return S3Store(config, timeout=min(options.timeout, 30.0), pool=4 * workers + 8), hint
 
 
+def _cache_objects(options: ObjStoreOptions, object_size: int) -> int | None:
+    """How many objects -objstore-diskcache holds (None: no bound)."""
+    if not options.diskcache:
+        return None
+    count = options.diskcache // object_size
+    if count < _MIN_CACHED_OBJECTS:
+        raise OptionError(
+            "objstore-diskcache",
+            f"{format_size(options.diskcache)} holds fewer than {_MIN_CACHED_OBJECTS} "
+            f"objects of {format_size(object_size)}: give at least "
+            f"{format_size(_MIN_CACHED_OBJECTS * object_size)} (or 0 for a full copy)",
+        )
+    return count
+
+
 def _create(settings: CommonSettings, options: ObjStoreOptions) -> ObjStoreDevice:
+    _cache_objects(options, options.objsize)  # before anything is created or contacted
     store, hint = _store(settings, options)
     given = {
         field
@@ -288,17 +313,8 @@ def _create(settings: CommonSettings, options: ObjStoreOptions) -> ObjStoreDevic
         hint=hint,
     )
     try:
-        object_size = volume.manifest.params.object_size
-        cache_objects = None
-        if options.diskcache:
-            cache_objects = options.diskcache // object_size
-            if cache_objects < _MIN_CACHED_OBJECTS:
-                raise OptionError(
-                    "objstore-diskcache",
-                    f"{format_size(options.diskcache)} holds fewer than {_MIN_CACHED_OBJECTS} "
-                    f"objects of {format_size(object_size)}: give at least "
-                    f"{format_size(_MIN_CACHED_OBJECTS * object_size)} (or 0 for a full copy)",
-                )
+        # Checked again with the volume's own object size, which may differ from the flag's.
+        cache_objects = _cache_objects(options, volume.manifest.params.object_size)
         return ObjStoreDevice(
             volume,
             settings.store_dir / f"{settings.store_name}.cache",
