@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -83,8 +84,9 @@ class ObjStoreDevice(Device):
         self._saving = threading.Lock()
         self._saved = -1
         self._epochs: list[int] = []
-        self._sequential_end = -1
-        self._streak = 0
+        #: Chunks read lately, oldest first (see _sequential).
+        self._recent: OrderedDict[int, None] = OrderedDict()
+        self._recent_lock = threading.Lock()
         self._ahead: set[int] = set()
         self._trusted = False
         self.chunks = Chunks(cache_objects, self._evict, self._want_round, self._failure)
@@ -297,9 +299,9 @@ class ObjStoreDevice(Device):
     def _load(self, chunk: int, *, for_write: bool) -> bytes | None:
         """Bring ``chunk`` into the cache (or find it there, or being fetched by another).
 
-        Returns the chunk's bytes when a reader found no room to cache them, else None once
-        the chunk is held (or known to be zeros: the caller looks again). Called without the
-        lock."""
+        Returns the chunk's bytes if this call fetched them (cached or, when a reader found
+        no room, not), else None: the chunk is held, or being fetched by another, or zeros,
+        and the caller looks again. Called without the lock."""
         chunks = self.chunks
         with chunks.lock:
             while True:
@@ -338,7 +340,7 @@ class ObjStoreDevice(Device):
                     chunks.add(chunk)
                 event.set()
                 chunks.changed.notify_all()
-        return None if room else data
+        return data  # the reader needs no second read of what it just fetched
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -369,7 +371,9 @@ class ObjStoreDevice(Device):
                         chunks.unpin(slot)
             data = self._load(chunk, for_write=False)
             if data is not None:
-                return data[inside : inside + length]
+                return (
+                    data if inside == 0 and length == len(data) else data[inside : inside + length]
+                )
             self._check()
 
     def try_read(self, offset: int, length: int) -> BytesLike | None:
@@ -401,14 +405,21 @@ class ObjStoreDevice(Device):
         return buffer if got == length else None
 
     def _sequential(self, offset: int, length: int) -> bool:
-        """Track one sequential stream: True after a few reads that each began where the
-        last ended."""
-        if offset == self._sequential_end:
-            self._streak += 1
-        else:
-            self._streak = 0
-        self._sequential_end = offset + length
-        return self._streak >= 2
+        """Whether reads look sequential: this one starts in or right after a chunk read
+        recently. Chunks, not exact offsets: a client reading ahead with several requests
+        in flight (fio's iodepth, the kernel's readahead) has them served by several threads
+        in no set order, and an exact "began where the last one ended" test misses them."""
+        first = offset // self.object_size
+        last = (offset + length - 1) // self.object_size
+        recent = self._recent
+        with self._recent_lock:  # threads and the event loop both come here
+            hit = first in recent or (first - 1) in recent
+            for chunk in range(first, last + 1):
+                recent[chunk] = None
+                recent.move_to_end(chunk)
+            while len(recent) > 4 * max(self.readahead, 1):
+                recent.popitem(last=False)
+        return hit
 
     def _read_ahead(self, offset: int, length: int, last: int) -> None:
         if not self._sequential(offset, length) or self.readahead <= 0:
