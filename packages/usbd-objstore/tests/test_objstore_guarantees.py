@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -318,4 +319,21 @@ def test_a_round_uploads_the_device_as_it_was_when_the_round_began(rig: Rig) -> 
     image = rig.image()
     assert image[100:150] == b"after" * 10
     assert image[4 * OBJECT : 4 * OBJECT + 20] == b"X" * 20
+    rig.close(device)
+
+
+def test_sequential_reads_fetch_ahead_and_random_ones_do_not(rig: Rig) -> None:
+    written(rig, {chunk * OBJECT: bytes([chunk + 1]) * OBJECT for chunk in range(16)})
+    device = rig.device()
+    assert not device.chunks.held  # a cache of nothing: every read fetches
+    for chunk in (9, 2, 14):  # scattered: no read-ahead
+        device.read(chunk * OBJECT, 4096)
+    assert set(device.chunks.held) == {9, 2, 14}
+    for chunk in (4, 5):  # two in a row: the next ones come without being asked for
+        assert device.read(chunk * OBJECT, OBJECT) == bytes([chunk + 1]) * OBJECT
+    deadline = time.monotonic() + 10
+    while not {6, 7, 8, 10, 11, 12, 13} <= set(device.chunks.held):
+        assert time.monotonic() < deadline, sorted(device.chunks.held)
+        time.sleep(0.01)
+    assert device.read(13 * OBJECT, 10) == bytes([14]) * 10
     rig.close(device)
