@@ -926,7 +926,11 @@ def test_go_style_flags(prog: str, start: Start, sockdir: Path, tools: Run) -> N
 # -- 5. a clean stop -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    "signum",
+    [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+    ids=["SIGTERM", "SIGINT", "SIGHUP"],  # SIGHUP: the terminal it was started from closed
+)
 @pytest.mark.parametrize("prog", PROGS)
 def test_a_signal_stops_cleanly_and_removes_the_socket(
     prog: str, signum: signal.Signals, start: Start, sockdir: Path, tools: Run

@@ -157,6 +157,8 @@ class Connection:
             if self._dirty and not self.export.closed:
                 try:
                     await self.export.flush()
+                except OSError as exc:  # the device's own answer (EIO, ...): no traceback
+                    log.error("%s: flush at disconnect failed: %s", self.name, exc)  # noqa: TRY400
                 except Exception:
                     log.exception("%s: flush at disconnect failed", self.name)
 

@@ -730,7 +730,18 @@ class ObjStoreDevice(Device):
             self.files.close(remove=not keep)
             self.volume.lease.release()
             self.volume.store.close()
-        if left:
+        if left and uploader.failure is not None:
+            log.error(
+                "%s: %d object(s) (%s) written after %s were not uploaded and never will be: "
+                "the volume is another daemon's now (%s keeps them, but cannot be opened "
+                "against the bucket's volume any more)",
+                self.name,
+                left,
+                format_size(left * self.object_size),
+                uploader.failure,
+                self.files.directory,
+            )
+        elif left:
             log.warning(
                 "%s: %d object(s) (%s) could not be uploaded and stay in %s: they go up when "
                 "the volume is next opened",

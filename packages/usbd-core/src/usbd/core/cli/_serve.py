@@ -49,8 +49,8 @@ async def serve(
     prog: str = "usbd",
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``device`` on ``listen`` and/or to the kernel until SIGINT/SIGTERM, cancellation or
-    the kernel letting go; then detach, flush and close it once.
+    """Serve ``device`` on ``listen`` and/or to the kernel until SIGINT, SIGTERM or SIGHUP,
+    cancellation or the kernel letting go; then detach, flush and close it once.
 
     A device that is mounted or held open is not detached on the first signal (the kernel
     would fail the I/O in flight): the daemon says so and keeps serving; a second signal forces.
@@ -59,7 +59,9 @@ async def serve(
     """
     # Signals are taken from the start, so that one arriving while listeners open or the
     # kernel attaches stops the daemon cleanly once it is up (not a KeyboardInterrupt).
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    # SIGHUP too: a daemon started from a terminal that is then closed must stop as on
+    # SIGTERM (flush, close, upload), not die as the default action would have it.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         await _serve(
             Export(device, export_name, description, read_only=read_only),
             listen,
