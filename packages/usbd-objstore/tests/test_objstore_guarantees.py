@@ -364,3 +364,15 @@ def test_concurrent_partial_writes_to_one_object_keep_each_others_bytes(rig: Rig
     device.flush()
     assert rig.image()[: 2 * OBJECT] == expected
     rig.close(device)
+
+
+def test_a_local_store_removes_temporaries_of_puts_that_died(rig: Rig) -> None:
+    written(rig, {0: b"x"})
+    data = rig.bucket / "vol" / "data"
+    dead = data / ".00000000.0000000200000009.4194999.1"  # no such pid (above pid_max)
+    live = data / f".00000000.0000000200000008.{os.getpid()}.1"
+    dead.write_bytes(b"half a PUT")
+    live.write_bytes(b"a PUT under way")
+    rig.close(rig.device())
+    assert not dead.exists()
+    assert live.exists()

@@ -499,3 +499,20 @@ class LocalStore(ObjectStore):
             raise Refused(f"{self.root} is not a directory", str(self.root), "bucket")
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise Refused(f"{self.root} is not writable", str(self.root), "denied")
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Remove the temporary files of PUTs whose process died mid-way (kill -9): nothing
+        else ever would, since listing skips them. A live process's are left alone."""
+        for directory, _dirs, files in os.walk(self.root):
+            for name in files:
+                parts = name.rsplit(".", 2)
+                if not name.startswith(".") or len(parts) != 3 or not parts[1].isdigit():
+                    continue
+                try:
+                    os.kill(int(parts[1]), 0)
+                except ProcessLookupError:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(directory, name))
+                except PermissionError:
+                    pass  # someone else's, and running
