@@ -38,6 +38,8 @@ from typing import Any
 from usbd.core import DeviceError
 from usbd.core.fallocate import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 
+from ._store import fsync_dir
+
 __all__ = ["CacheFiles", "SavedState"]
 
 log = logging.getLogger("usbd.objstore")
@@ -61,14 +63,6 @@ class SavedState:
     size: int = 0
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _punch(fd: int, offset: int, length: int) -> None:
     fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
 
@@ -81,7 +75,7 @@ class CacheFiles:
         self.size = size
         if not directory.exists():
             directory.mkdir(mode=0o700)
-            _fsync_dir(directory.parent)  # the directory's own name must survive a crash
+            fsync_dir(directory.parent)  # the directory's own name must survive a crash
         self.data = self._open("data")
         self.staging = self._open("staging")
         os.ftruncate(self.staging, 0)  # nothing in it survives a restart
@@ -188,7 +182,7 @@ class CacheFiles:
         finally:
             os.close(fd)
         os.replace(temporary, path)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
     def close(self, *, remove: bool) -> None:
         for fd in (self.data, self.staging):

@@ -59,6 +59,7 @@ __all__ = [
     "S3Store",
     "StoreError",
     "Unavailable",
+    "fsync_dir",
 ]
 
 log = logging.getLogger("usbd.objstore")
@@ -370,7 +371,8 @@ def _etag(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` durable (a new or renamed file's name)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -467,7 +469,7 @@ class LocalStore(ObjectStore):
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(temporary)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             return _etag(data)
 
         return self._translate("PUT", key, call)
@@ -481,7 +483,7 @@ class LocalStore(ObjectStore):
             parents.add(path.parent)
         for parent in parents:
             with contextlib.suppress(FileNotFoundError):
-                _fsync_dir(parent)
+                fsync_dir(parent)
 
     def list(self, prefix: str, deadline: Deadline = None) -> Iterator[str]:
         found = []
