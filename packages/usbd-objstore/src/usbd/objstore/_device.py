@@ -401,7 +401,9 @@ class ObjStoreDevice(Device):
         finally:
             with chunks.lock:
                 chunks.unpin(slot)
-        self._sequential(offset, length)
+        # Read-ahead from here too: once objects read ahead are cached, the stream's reads are
+        # answered here, and only asking here keeps the next objects coming.
+        self._read_ahead(offset, length, chunk)
         return buffer if got == length else None
 
     def _sequential(self, offset: int, length: int) -> bool:
