@@ -147,7 +147,8 @@ def test_the_quick_start_of_docs_objstore_md_runs_as_written(workdir: Path) -> N
     bindir = str(Path(sys.executable).parent)
 
     def local(text: str) -> str:
-        return text.replace(".venv/bin/", f"{bindir}/").replace("/tmp/", f"{workdir}/")
+        # /tmp/ first: the venv may itself live under /tmp (CI's clone does).
+        return text.replace("/tmp/", f"{workdir}/").replace(".venv/bin/", f"{bindir}/")
 
     daemon = Daemon(local(here["daemon"]), workdir / "daemon.log")
     try:
