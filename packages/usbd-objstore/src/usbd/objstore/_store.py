@@ -197,6 +197,22 @@ _TRANSIENT = {
 }
 
 
+_SESSION: Any = None
+_SESSION_LOCK = threading.Lock()
+
+
+def _s3_client(**options: Any) -> Any:
+    """An S3 client from the process's one boto3 session: each session loads the service
+    models anew (about 12 MiB and a tenth of a second), and clients made from one share them.
+    Credentials are given to each client, so stores with different keys do not mix. Sessions
+    are not thread-safe, hence the lock; the clients are."""
+    global _SESSION
+    with _SESSION_LOCK:
+        if _SESSION is None:
+            _SESSION = boto3.session.Session()
+        return _SESSION.client("s3", **options)
+
+
 class S3Store(ObjectStore):
     """A bucket of an S3-compatible service, through one thread-safe boto3 client.
 
@@ -223,11 +239,12 @@ class S3Store(ObjectStore):
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        session = boto3.session.Session(
+        self._client = _s3_client(
+            endpoint_url=endpoint,
+            config=botocore_config,
             aws_access_key_id=config.get("access_key_id") or None,
             aws_secret_access_key=config.get("secret_key") or None,
         )
-        self._client = session.client("s3", endpoint_url=endpoint, config=botocore_config)
         self._transfer = TransferConfig(
             multipart_threshold=MULTIPART_THRESHOLD,
             multipart_chunksize=MULTIPART_THRESHOLD,
