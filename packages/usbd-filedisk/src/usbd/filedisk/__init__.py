@@ -1,8 +1,9 @@
 """usbd-filedisk: a sparse file as a block device, with real trim, zeroing and block status."""
 
+from usbd.core.lockfile import StoreInUse
+
 from ._device import DirectFileDisk, FileDisk, SizeMismatch, StoreError
 from ._driver import FileOptions, driver
-from ._lock import StoreInUse
 
 __all__ = [
     "DirectFileDisk",

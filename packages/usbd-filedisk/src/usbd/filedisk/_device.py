@@ -48,9 +48,9 @@ from usbd.core.fallocate import (
     FALLOC_FL_ZERO_RANGE,
     fallocate,
 )
+from usbd.core.lockfile import lock_exclusive, unlock
 
 from ._direct import ALIGN, SharedLock, aligned_buffer, round_down, round_up
-from ._lock import lock_exclusive, unlock
 
 __all__ = ["DEFAULT_SIZE", "DirectFileDisk", "FileDisk", "SizeMismatch", "StoreError"]
 
@@ -143,8 +143,8 @@ class FileDisk(Device):
     A new (or empty) file gets ``size`` bytes, or ``default_size`` when ``size`` is None or
     0. An existing file keeps its size; a ``size`` that differs is a :class:`SizeMismatch`,
     unless it is larger and ``grow`` is set (the file is then extended, sparse). The file is
-    locked for as long as the device is open (see :mod:`usbd.filedisk._lock`); a second
-    device on it fails with :class:`~usbd.filedisk._lock.StoreInUse`.
+    locked for as long as the device is open (see :mod:`usbd.core.lockfile`); a second
+    device on it fails with :class:`~usbd.core.lockfile.StoreInUse`.
     """
 
     blocking = True
@@ -182,7 +182,7 @@ class FileDisk(Device):
             fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         locked = False
         try:
-            lock_exclusive(fd, self.path)
+            lock_exclusive(fd, self.path, "another usbd-filedisk?")
             locked = True
             self._prepare(fd)
             self.size = self._settle_size(fd, created, size or None, grow, default_size)

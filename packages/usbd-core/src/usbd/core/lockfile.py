@@ -1,4 +1,5 @@
-"""One daemon per backing file: an exclusive ``flock``, and the name of whoever holds it.
+"""One daemon per store: an exclusive ``flock``, and the name of whoever holds it (shared by the
+drivers that keep data in local files: the file disk and the dedup disk).
 
 Why ``flock`` and not a POSIX record lock (``fcntl``/``lockf``), although only POSIX locks
 report their holder through ``F_GETLK``: POSIX locks belong to the process, so a second open
@@ -30,13 +31,13 @@ _LOCKS = Path("/proc/locks")
 class StoreInUse(OSError):
     """The backing file is locked by another daemon: a failure to start (exit status 1)."""
 
-    def __init__(self, path: Path, pid: int | None) -> None:
+    def __init__(self, path: Path, pid: int | None, guess: str = "another usbd daemon?") -> None:
         self.path = path
         self.pid = pid
         if pid is None:
-            who = "another process (another usbd-filedisk?)"
+            who = f"another process ({guess})"
         else:
-            who = f"process {pid} ({_command(pid) or 'another usbd-filedisk?'})"
+            who = f"process {pid} ({_command(pid) or guess})"
         super().__init__(errno.EBUSY, f"{path} is in use by {who}")
 
     def __str__(self) -> str:
@@ -44,12 +45,13 @@ class StoreInUse(OSError):
         return str(self.strerror)
 
 
-def lock_exclusive(fd: int, path: Path) -> None:
-    """Take the file's exclusive lock without waiting; :class:`StoreInUse` if it is held."""
+def lock_exclusive(fd: int, path: Path, guess: str = "another usbd daemon?") -> None:
+    """Take the file's exclusive lock without waiting; :class:`StoreInUse` if it is held
+    (``guess`` names the holder when its command cannot be found)."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise StoreInUse(path, holder(fd)) from None
+        raise StoreInUse(path, holder(fd), guess) from None
 
 
 def unlock(fd: int) -> None:
