@@ -20,6 +20,7 @@ PACKAGES: dict[str, list[str]] = {
     "usbd-ramdisk": ["./packages/usbd-core[testing]", "./packages/usbd-ramdisk"],
     "usbd-filedisk": ["./packages/usbd-core[testing]", "./packages/usbd-filedisk"],
     "usbd-objstore": ["./packages/usbd-core[testing]", "./packages/usbd-objstore[test]"],
+    "usbd-dedup": ["./packages/usbd-core[testing]", "./packages/usbd-dedup[test]"],
     "usbdsrvd": [
         "./packages/usbd-core[testing]",
         "./packages/usbd-ramdisk",
@@ -31,6 +32,7 @@ ALL = [
     "./packages/usbd-ramdisk",
     "./packages/usbd-filedisk",
     "./packages/usbd-objstore[test]",
+    "./packages/usbd-dedup[test]",
     "./packages/usbdsrvd",
 ]
 
@@ -93,6 +95,7 @@ def lint(session: nox.Session) -> None:
         "packages/usbd-ramdisk/src/usbd/ramdisk",
         "packages/usbd-filedisk/src/usbd/filedisk",
         "packages/usbd-objstore/src/usbd/objstore",
+        "packages/usbd-dedup/src/usbd/dedup",
         "packages/usbdsrvd/src/usbd/srvd",
     )
 

@@ -8,8 +8,8 @@ the environment and the config file are all read through it, so a driver never p
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Generic, TypeAlias, TypeVar
 
@@ -18,11 +18,32 @@ from pydantic import BaseModel
 from ._device import Device
 from .settings import CommonSettings, NoOptions
 
-__all__ = ["ENTRY_POINT_GROUP", "AnyDriver", "Driver", "Found", "NoOptions", "discover_drivers"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Action",
+    "AnyDriver",
+    "Driver",
+    "Found",
+    "NoOptions",
+    "discover_drivers",
+]
 
 ENTRY_POINT_GROUP = "usbd.drivers"
 
 OptionsT = TypeVar("OptionsT", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Action(Generic[OptionsT]):
+    """Something a driver's command does instead of serving (``usbd-dedup --check``): it gets
+    the same settings and options a daemon would, and returns the exit status.
+
+    It runs where the daemon would have, so a store is found from the same flags, environment
+    and config file; a :class:`ValueError` it raises is exit status 2, an :class:`OSError` 1.
+    """
+
+    help: str
+    run: Callable[[CommonSettings, OptionsT], int]
 
 
 @dataclass(frozen=True)
@@ -35,7 +56,8 @@ class Driver(Generic[OptionsT]):
     raises is a configuration problem (exit status 2), an :class:`OSError` a failure to start.
     ``describe`` adds the driver's part to the startup line ("with 64 MiB objects, ..."):
     by default every option as ``name=value``, secrets as ``<REDACTED>``.
-    ``stores_data`` says the device keeps data under ``--store-dir``.
+    ``stores_data`` says the device keeps data under ``--store-dir``. ``actions`` are the
+    driver's other commands, by flag name (``check`` is ``--check``).
     """
 
     name: str
@@ -45,6 +67,7 @@ class Driver(Generic[OptionsT]):
     aliases: tuple[str, ...] = ()
     stores_data: bool = False
     describe: Callable[[CommonSettings, OptionsT], str] | None = None
+    actions: Mapping[str, Action[OptionsT]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Every option needs a default: usbdsrvd builds every installed driver's options

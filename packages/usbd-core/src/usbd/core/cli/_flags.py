@@ -42,6 +42,7 @@ class Parsed:
     config: str | None = None
     help: bool = False
     version: bool = False
+    action: str | None = None
 
 
 def _suggest(name: str, known: Sequence[str]) -> str:
@@ -69,7 +70,9 @@ def _put(values: dict[str, Any], option: Option, value: object) -> None:
         target[leaf] = value
 
 
-def parse_argv(argv: Sequence[str], table: Sequence[Option]) -> Parsed:
+def parse_argv(
+    argv: Sequence[str], table: Sequence[Option], actions: Sequence[str] = ()
+) -> Parsed:
     """The given flags only (nothing defaulted), nested the way the settings model nests.
 
     ``-flag value``, ``-flag=value``, ``--flag value`` and ``--flag=value`` are the same; a
@@ -101,13 +104,18 @@ def parse_argv(argv: Sequence[str], table: Sequence[Option]) -> Parsed:
         if name == "version":
             parsed.version = True
             continue
+        if name in actions and not eq:
+            if parsed.action not in (None, name):
+                raise UsageError(f"-{name}: not allowed with -{parsed.action}")
+            parsed.action = name
+            continue
         negated = name.removeprefix("no-")
         if negated != name and not eq and negated in options and options[negated].is_bool:
             _put(parsed.values, options[negated], False)
             continue
         option = options.get(name)
         if option is None and name != "config":
-            known = [*options, "config", "help"]
+            known = [*options, *actions, "config", "help"]
             raise UsageError(f"unknown flag -{name}{_suggest(name, known)} (see -help)")
         if option is not None and option.is_bool:
             _put(parsed.values, option, not eq or _bool(option, value))
@@ -138,9 +146,11 @@ def build_parser(
     headings: Mapping[str, str],
     epilog: str,
     notes: Mapping[str, str] | None = None,
+    actions: Mapping[str, str] | None = None,
 ) -> argparse.ArgumentParser:
     """A parser used for its help only: the shared groups, then one group per driver
-    (``headings``, with ``notes`` as the group's description)."""
+    (``headings``, with ``notes`` as the group's description); ``actions`` (flag: help) are
+    listed with --help and --version."""
     parser = argparse.ArgumentParser(
         prog=prog,
         usage=f"{prog} [-flag=value ...] [NBD_DEVICE]",
@@ -165,6 +175,8 @@ def build_parser(
     general = groups["general"]
     general.add_argument("--help", action="store_true", help="show this help and exit")
     general.add_argument("--version", action="store_true", help="show the version and exit")
+    for name, text in (actions or {}).items():
+        general.add_argument(f"--{name}", action="store_true", help=text.replace("%", "%%"))
     general.add_argument(
         "--config",
         metavar="FILE",

@@ -137,6 +137,25 @@ def _leaf(exc: BaseException) -> BaseException:
 _SWITCH_INTERVAL = 0.0002
 
 
+def _act(
+    prog: str, driver: AnyDriver, name: str, settings: CommonSettings, options: BaseModel
+) -> int:
+    """Run a driver's action (``--check``) instead of the daemon; errors as the daemon's."""
+    action = driver.actions.get(name)
+    if action is None:
+        offered = ", ".join(f"-{n}" for n in driver.actions) or "none"
+        raise UsageError(f"-{name}: not offered by driver {driver.name} (it has: {offered})")
+    _configure_logging(settings.log_level)
+    try:
+        return action.run(settings, options)
+    except ValueError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+
+
 def run(command: Command, argv: Sequence[str] | None = None) -> int:
     """Run ``command`` as a daemon; the return value is the exit status."""
     prog = command.prog
@@ -144,11 +163,14 @@ def run(command: Command, argv: Sequence[str] | None = None) -> int:
     try:
         settings_cls = settings_class(command.settings, command.drivers)
         table = option_table(settings_cls, command.drivers)
-        parsed = parse_argv(args, table)
+        actions = {
+            name: action.help for driver in command.drivers for name, action in driver.actions.items()
+        }
+        parsed = parse_argv(args, table, list(actions))
         if parsed.help:
             notes = {driver.name: driver.description for driver in command.drivers}
             parser = build_parser(
-                prog, command.description, table, command.headings, command.epilog, notes
+                prog, command.description, table, command.headings, command.epilog, notes, actions
             )
             print(parser.format_help(), end="")
             return 0
@@ -157,10 +179,12 @@ def run(command: Command, argv: Sequence[str] | None = None) -> int:
             return 0
         settings = load_settings(settings_cls, table, parsed.values, config_path(parsed.config))
         driver = command.select(settings) if command.select else command.drivers[0]
+        options: BaseModel = getattr(settings, driver.name)
+        if parsed.action is not None:
+            return _act(prog, driver, parsed.action, settings, options)
         kernel = kernel_options(settings)
         _configure_logging(settings.log_level)
         _warn_unused(settings, driver, command)
-        options: BaseModel = getattr(settings, driver.name)
         device = driver.create(settings, options)
     except (UsageError, ValueError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)

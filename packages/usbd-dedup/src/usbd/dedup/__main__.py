@@ -1,0 +1,5 @@
+import sys
+
+from ._driver import main
+
+sys.exit(main())

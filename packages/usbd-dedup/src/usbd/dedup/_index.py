@@ -1,0 +1,193 @@
+"""The index: LevelDB under two layers of changes not yet in it.
+
+Writers change the ``pending`` layer only. A commit turns ``pending`` into ``committing``
+(a new, empty ``pending`` takes its place), writes it to LevelDB in one synced
+``WriteBatch`` together with the counters, and then drops it. A lookup asks ``pending``, then
+``committing``, then LevelDB, so it sees the newest state whatever a commit is doing, and a
+crash leaves LevelDB exactly as the last commit wrote it: nothing half-applied, ever.
+
+Values in the layers are Python objects (decoded once, encoded at commit): a 1 MiB write
+touches a few hundred of them, and packing bytes for each would cost more than the lookups.
+Callers serialise access (the device's lock); only :meth:`Index.write` runs outside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import plyvel
+
+from ._format import (
+    STATE,
+    Ref,
+    State,
+    free_key,
+    hash_key,
+    key_number,
+    map_key,
+    pack_count,
+    ref_key,
+    slot_id,
+    unpack_count,
+)
+
+__all__ = ["Changes", "Index", "RefCount"]
+
+#: A used slot's record: how many blocks refer to it, and the hash of its content.
+RefCount = tuple[int, bytes]
+
+
+@dataclass
+class Changes:
+    """One layer: each dict maps a key to its new value, None meaning deleted."""
+
+    maps: dict[int, Ref | None] = field(default_factory=dict)
+    refs: dict[int, RefCount | None] = field(default_factory=dict)
+    hashes: dict[bytes, Ref | None] = field(default_factory=dict)
+    #: slot -> True (now free) or False (no longer free).
+    frees: dict[int, bool] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.maps) + len(self.refs) + len(self.hashes) + len(self.frees)
+
+    def freed(self) -> list[int]:
+        """The slots this layer frees, in order (to punch them once it is durable)."""
+        return sorted(slot for slot, free in self.frees.items() if free)
+
+    def write(self, batch: plyvel.WriteBatch) -> None:
+        for block, ref in self.maps.items():
+            if ref is None:
+                batch.delete(map_key(block))
+            else:
+                batch.put(map_key(block), ref.pack())
+        for slot, count in self.refs.items():
+            if count is None:
+                batch.delete(ref_key(slot))
+            else:
+                batch.put(ref_key(slot), pack_count(*count))
+        for digest, ref in self.hashes.items():
+            if ref is None:
+                batch.delete(hash_key(digest))
+            else:
+                batch.put(hash_key(digest), ref.pack())
+        for slot, free in self.frees.items():
+            if free:
+                batch.put(free_key(slot), b"")
+            else:
+                batch.delete(free_key(slot))
+
+
+_MISSING = object()
+
+
+class Index:
+    """The block map, the slot records, the hash index and the free list, as one state."""
+
+    def __init__(self, db: plyvel.DB) -> None:
+        self.db = db
+        self.pending = Changes()
+        self.committing: Changes | None = None
+
+    def _layers(self) -> tuple[Changes, ...]:
+        if self.committing is None:
+            return (self.pending,)
+        return (self.pending, self.committing)
+
+    # -- lookups ---------------------------------------------------------------------------
+
+    def block(self, number: int) -> Ref | None:
+        for layer in self._layers():
+            found = layer.maps.get(number, _MISSING)
+            if found is not _MISSING:
+                return found  # type: ignore[return-value]
+        value = self.db.get(map_key(number))
+        return None if value is None else Ref.unpack(value)
+
+    def blocks(self, first: int, count: int) -> list[Ref | None]:
+        """The refs of ``count`` blocks from ``first``: one LevelDB range scan, then the layers."""
+        found: list[Ref | None] = [None] * count
+        for key, value in self.db.iterator(start=map_key(first), stop=map_key(first + count)):
+            found[key_number(key) - first] = Ref.unpack(value)
+        for layer in reversed(self._layers()):
+            maps = layer.maps
+            if len(maps) < count:
+                for number, ref in maps.items():
+                    if first <= number < first + count:
+                        found[number - first] = ref
+            else:
+                for i in range(count):
+                    if first + i in maps:
+                        found[i] = maps[first + i]
+        return found
+
+    def count(self, slot: int) -> RefCount | None:
+        for layer in self._layers():
+            found = layer.refs.get(slot, _MISSING)
+            if found is not _MISSING:
+                return found  # type: ignore[return-value]
+        value = self.db.get(ref_key(slot))
+        return None if value is None else unpack_count(value)
+
+    def content(self, digest: bytes) -> Ref | None:
+        for layer in self._layers():
+            found = layer.hashes.get(digest, _MISSING)
+            if found is not _MISSING:
+                return found  # type: ignore[return-value]
+        value = self.db.get(hash_key(digest))
+        return None if value is None else Ref.unpack(value)
+
+    def listed_free(self, cls: int, limit: int) -> list[int]:
+        """Up to ``limit`` slots of class ``cls`` that are free in LevelDB and that no layer
+        has taken or is freeing (a slot freed by a layer is reused only after that layer is
+        durable and the slot punched: :meth:`Index.end_commit` comes after both)."""
+        found: list[int] = []
+        layers = self._layers()
+        start = free_key(slot_id(cls, 0))
+        stop = free_key(slot_id(cls + 1, 0))
+        for key in self.db.iterator(start=start, stop=stop, include_value=False):
+            slot = key_number(key)
+            if any(slot in layer.frees for layer in layers):
+                continue
+            found.append(slot)
+            if len(found) >= limit:
+                break
+        return found
+
+    def scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """Every LevelDB entry under ``prefix`` (for the check, on a volume not in use)."""
+        yield from self.db.iterator(prefix=prefix)
+
+    # -- changes ---------------------------------------------------------------------------
+
+    def set_block(self, number: int, ref: Ref | None) -> None:
+        self.pending.maps[number] = ref
+
+    def set_count(self, slot: int, count: RefCount | None) -> None:
+        self.pending.refs[slot] = count
+
+    def set_content(self, digest: bytes, ref: Ref | None) -> None:
+        self.pending.hashes[digest] = ref
+
+    def set_free(self, slot: int, free: bool) -> None:
+        self.pending.frees[slot] = free
+
+    # -- commits ---------------------------------------------------------------------------
+
+    def begin_commit(self) -> Changes:
+        """Turn ``pending`` into ``committing`` (under the caller's lock; one commit at a time)."""
+        if self.committing is not None:
+            raise RuntimeError("a commit is already in progress")
+        changes, self.pending = self.pending, Changes()
+        self.committing = changes
+        return changes
+
+    def write(self, changes: Changes, state: State, *, sync: bool = True) -> None:
+        """The layer and the counters in LevelDB, atomically (no lock needed: LevelDB is
+        thread-safe and lookups still find ``committing`` meanwhile)."""
+        with self.db.write_batch(sync=sync, transaction=True) as batch:
+            changes.write(batch)
+            batch.put(STATE, state.pack())
+
+    def end_commit(self) -> None:
+        self.committing = None

@@ -1,0 +1,399 @@
+"""The dedup store: blocks by number in, blocks by number out, one commit at a time.
+
+It owns the whole mechanism of sharing: hashing, the lookups, slot allocation, reference
+counts, the data files and the commit that makes a state durable. The device above it only
+cuts byte ranges into blocks.
+
+The rules that make kill -9 safe at any moment, and where they are kept:
+
+* Data before index: a block's slot is written before any index entry refers to it
+  (:meth:`DedupStore.put` publishes after writing), and a commit fdatasyncs the data files
+  before its synced ``WriteBatch`` (:meth:`DedupStore.commit`).
+* A slot referred to by the durable index is never written: new content goes only to slots
+  that are free in LevelDB or above its high-water mark, and a slot freed by uncommitted
+  changes is not reused until those changes are durable and the slot punched
+  (:meth:`Index.listed_free` skips it while its layer exists).
+* A read never sees a reused slot: a commit waits, before freeing anything for good, until
+  reads that looked their blocks up before it have finished (:meth:`DedupStore.reading`),
+  the way RCU waits for a grace period.
+
+So after a crash LevelDB holds the last commit whole: every flushed block, and for a block
+written since, its old content. What a crash can leave is space: slots taken by writes that
+had not been published when a commit ran (used by nothing, free in no list), data past a
+high-water mark, and punches not made. The check at open gives it back (``_check``).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from usbd.core import DeviceError
+
+from ._blocks import BlockFiles
+from ._format import Codec, Params, Ref, State, content_hash, slot_class, slot_id, slot_index
+from ._index import Changes, Index
+
+__all__ = ["DedupStore", "Stats"]
+
+log = logging.getLogger("usbd.dedup")
+
+#: Free slots fetched from LevelDB at a time into a size class's pool.
+_REFILL = 1024
+
+
+class _Again:
+    """A block whose content must be stored again (it vanished, or collided)."""
+
+
+_AGAIN = _Again()
+
+
+class Stats:
+    """The figures of a state, for the log and ``--stats``."""
+
+    def __init__(self, state: State, block_size: int, size: int) -> None:
+        self.state = state
+        self.block_size = block_size
+        self.size = size
+
+    def lines(self) -> list[tuple[str, str]]:
+        s = self.state
+        dedup = s.mapped / s.unique if s.unique else 1.0
+        compression = s.unique * self.block_size / s.stored if s.stored else 1.0
+        return [
+            ("logical bytes", f"{s.written}"),
+            ("mapped blocks", f"{s.mapped} ({s.mapped * self.block_size} bytes not zero)"),
+            ("unique blocks", f"{s.unique}"),
+            ("stored bytes", f"{s.stored}"),
+            ("dedup ratio", f"{dedup:.2f}"),
+            ("compression ratio", f"{compression:.2f}"),
+            ("free slots", f"{s.free}"),
+            ("block size", f"{self.block_size}"),
+            ("size", f"{self.size}"),
+        ]
+
+    def summary(self) -> str:
+        return ", ".join(f"{key} {value.split(' ')[0]}" for key, value in self.lines()[:7])
+
+
+def _merge(older: Changes, newer: Changes) -> Changes:
+    """One layer with ``newer`` over ``older`` (a failed commit's changes go back under
+    what was written meanwhile)."""
+    merged = Changes(dict(older.maps), dict(older.refs), dict(older.hashes), dict(older.frees))
+    merged.maps.update(newer.maps)
+    merged.refs.update(newer.refs)
+    merged.hashes.update(newer.hashes)
+    merged.frees.update(newer.frees)
+    return merged
+
+
+class DedupStore:
+    """Blocks of ``params.block_size`` over an :class:`Index` and :class:`BlockFiles`."""
+
+    def __init__(
+        self,
+        index: Index,
+        files: BlockFiles,
+        params: Params,
+        state: State,
+        *,
+        compress: bool,
+        verify: bool,
+    ) -> None:
+        self.index = index
+        self.files = files
+        self.params = params
+        self.block_size = params.block_size
+        self.sizes = files.sizes
+        self.codec = Codec(compress, params.block_size)
+        self.verify = verify
+        self.state = state
+        self._lock = threading.Lock()
+        self._drained = threading.Condition(self._lock)
+        self._commit_lock = threading.Lock()
+        #: Reads in progress by the epoch they began in (see reading()).
+        self._epoch = 0
+        self._reading: dict[int, int] = {}
+        self._pools: list[list[int]] = [[] for _ in self.sizes]
+        self._changed = False
+
+    # -- reading ---------------------------------------------------------------------------
+
+    @contextmanager
+    def reading(self, first: int, count: int) -> Iterator[list[Ref | None]]:
+        """The refs of ``count`` blocks from ``first``; their slots keep their content until
+        the ``with`` ends."""
+        with self._lock:
+            refs = self.index.blocks(first, count)
+            epoch = self._epoch
+            self._reading[epoch] = self._reading.get(epoch, 0) + 1
+        try:
+            yield refs
+        finally:
+            with self._lock:
+                left = self._reading[epoch] - 1
+                if left:
+                    self._reading[epoch] = left
+                else:
+                    del self._reading[epoch]
+                    self._drained.notify_all()
+
+    def fill(self, refs: Sequence[Ref | None], out: memoryview) -> None:
+        """The content of ``refs`` into ``out`` (zeroed by the caller: None stays zeros).
+        Raw full-size slots that follow each other are read with one call."""
+        size = self.block_size
+        i = 0
+        while i < len(refs):
+            ref = refs[i]
+            if ref is None:
+                i += 1
+                continue
+            if ref.compressed or slot_class(ref.slot):
+                stored = self.files.read(ref.slot, ref.length)
+                out[i * size : (i + 1) * size] = self.codec.decode(stored, ref.compressed, size)
+                i += 1
+                continue
+            first = slot_index(ref.slot)
+            j = i + 1
+            while j < len(refs) and j - i < 1024:
+                other = refs[j]
+                if other is None or other.compressed or other.slot != slot_id(0, first + j - i):
+                    break
+                j += 1
+            self.files.read_into(0, first, [out[k * size : (k + 1) * size] for k in range(i, j)])
+            i = j
+
+    def _content(self, ref: Ref) -> bytes:
+        return self.codec.decode(
+            self.files.read(ref.slot, ref.length), ref.compressed, self.block_size
+        )
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def put(
+        self,
+        first: int,
+        contents: Sequence[bytes | memoryview | None],
+        expect: dict[int, Ref | None] | None = None,
+    ) -> set[int]:
+        """Blocks ``first``, ``first + 1``, ... get ``contents`` (None: zeros, not stored).
+
+        ``expect`` makes some blocks conditional (a partial write's read-modify-write): such
+        a block is written only if its ref is still the one given, and the numbers of those
+        that were not are returned, for the caller to read and merge again.
+        """
+        digests = [None if c is None else content_hash(c) for c in contents]
+        rejected: set[int] = set()
+        todo = list(range(len(contents)))
+        collided: set[bytes] = set()
+        while todo:
+            todo = self._put_round(first, contents, digests, todo, expect, rejected, collided)
+        return rejected
+
+    def _put_round(
+        self,
+        first: int,
+        contents: Sequence[bytes | memoryview | None],
+        digests: Sequence[bytes | None],
+        todo: list[int],
+        expect: dict[int, Ref | None] | None,
+        rejected: set[int],
+        collided: set[bytes],
+    ) -> list[int]:
+        """Store what is new, then publish; the blocks whose content vanished meanwhile
+        (freed by another writer between the lookup and the publish) are returned."""
+        # Which contents are not stored yet (one slot each, however many blocks have them).
+        new: dict[bytes, int] = {}
+        with self._lock:
+            for i in todo:
+                digest = digests[i]
+                if (
+                    digest is not None
+                    and digest not in new
+                    and (digest in collided or self.index.content(digest) is None)
+                ):
+                    new[digest] = i
+        encoded = {d: self.codec.encode(contents[i]) for d, i in new.items()}  # type: ignore[arg-type]
+        with self._lock:
+            slots = {d: self._allocate(encoded[d][0]) for d in new}
+        try:
+            self._write_slots({slots[d]: encoded[d][1] for d in new})
+        except BaseException:
+            with self._lock:
+                for slot in slots.values():
+                    self._release(slot)
+            raise
+        ours = {
+            d: Ref(slots[d], len(encoded[d][1]), encoded[d][2]) for d in new
+        }  # published on first use
+        again: list[int] = []
+        with self._lock:
+            self._changed = True
+            olds = self.index.blocks(first + todo[0], todo[-1] - todo[0] + 1)
+            base = todo[0]
+            for i in todo:
+                number = first + i
+                old = olds[i - base]
+                if expect is not None and number in expect:
+                    current = self.index.block(number)
+                    if current != expect[number]:
+                        rejected.add(number)
+                        continue
+                    old = current
+                ref = self._ref_for(contents[i], digests[i], ours, collided)
+                if isinstance(ref, _Again):
+                    again.append(i)
+                    continue
+                if old is not None and ref is not None and old.slot == ref.slot:
+                    continue
+                if ref is not None:
+                    self._incref(ref, digests[i])  # type: ignore[arg-type]
+                    if old is None:
+                        self.state.mapped += 1
+                elif old is not None:
+                    self.state.mapped -= 1
+                self.index.set_block(number, ref)
+                if old is not None:
+                    self._decref(old)
+            for ref in ours.values():
+                if self.index.count(ref.slot) is None:
+                    self._release(ref.slot)  # nobody used it: another writer stored it first
+        return again
+
+    def _ref_for(
+        self,
+        content: bytes | memoryview | None,
+        digest: bytes | None,
+        ours: dict[bytes, Ref],
+        collided: set[bytes],
+    ) -> Ref | _Again | None:
+        """The ref a block gets (None for zeros), or _AGAIN to store it again."""
+        if digest is None:
+            return None
+        mine = ours.get(digest)
+        if digest in collided:
+            return _AGAIN if mine is None else mine
+        found = self.index.content(digest)
+        if found is None:
+            if mine is None:
+                return _AGAIN
+            self.index.set_content(digest, mine)
+            return mine
+        if self.verify and (mine is None or found.slot != mine.slot):
+            assert content is not None
+            if self._content(found) != content:
+                log.warning("hash collision on %s: stored unshared", digest.hex())
+                collided.add(digest)
+                return _AGAIN if mine is None else mine
+        return found
+
+    def _incref(self, ref: Ref, digest: bytes) -> None:
+        count = self.index.count(ref.slot)
+        if count is None:
+            self.index.set_count(ref.slot, (1, digest))
+            self.state.unique += 1
+            self.state.stored += self.sizes[slot_class(ref.slot)]
+        else:
+            self.index.set_count(ref.slot, (count[0] + 1, count[1]))
+
+    def _decref(self, ref: Ref) -> None:
+        count = self.index.count(ref.slot)
+        if count is None:
+            raise DeviceError(errno.EIO, f"slot {ref.slot:#x} is in the map but has no count")
+        if count[0] > 1:
+            self.index.set_count(ref.slot, (count[0] - 1, count[1]))
+            return
+        self.index.set_count(ref.slot, None)
+        indexed = self.index.content(count[1])
+        if indexed is not None and indexed.slot == ref.slot:
+            self.index.set_content(count[1], None)
+        self.state.unique -= 1
+        self.state.stored -= self.sizes[slot_class(ref.slot)]
+        self._release(ref.slot)
+
+    def _allocate(self, cls: int) -> int:
+        """A slot of class ``cls`` that nothing durable refers to (under the lock)."""
+        pool = self._pools[cls]
+        if not pool:
+            pool.extend(reversed(self.index.listed_free(cls, _REFILL)))
+        if pool:
+            slot = pool.pop()
+            self.index.set_free(slot, False)
+            self.state.free -= 1
+            return slot
+        index = self.state.high[cls]
+        self.state.high[cls] = index + 1
+        return slot_id(cls, index)
+
+    def _release(self, slot: int) -> None:
+        """A slot no longer used: free once this layer is durable (and only then reused)."""
+        self.index.set_free(slot, True)
+        self.state.free += 1
+
+    def _write_slots(self, payloads: dict[int, bytes | memoryview]) -> None:
+        """Write new slots, one call per run of consecutive slots of a class."""
+        order = sorted(payloads)
+        i = 0
+        while i < len(order):
+            cls, start = slot_class(order[i]), slot_index(order[i])
+            j = i + 1
+            while (
+                j < len(order)
+                and j - i < 1024
+                and slot_class(order[j]) == cls
+                and slot_index(order[j]) == start + j - i
+            ):
+                j += 1
+            self.files.write(cls, start, [payloads[s] for s in order[i:j]])
+            i = j
+
+    def add_written(self, count: int) -> None:
+        with self._lock:
+            self.state.written += count
+            self._changed = True
+
+    # -- committing ------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Changes not yet committed (the device commits early past a bound)."""
+        return len(self.index.pending)
+
+    def commit(self) -> bool:
+        """Make everything put so far durable; False if there was nothing to commit."""
+        with self._commit_lock:
+            with self._lock:
+                if not self._changed:
+                    return False
+                self._changed = False
+                changes = self.index.begin_commit()
+                state = self.state.copy()
+                began = self._epoch
+                self._epoch += 1
+                while any(epoch <= began for epoch in self._reading):
+                    self._drained.wait()
+            try:
+                self.files.sync()
+                self.index.write(changes, state)
+            except BaseException:
+                with self._lock:
+                    self.index.pending = _merge(changes, self.index.pending)
+                    self.index.end_commit()
+                    self._changed = True
+                raise
+            try:
+                self.files.punch(changes.freed())
+            except OSError as exc:
+                # The slots are free all the same; the check at open punches them again.
+                log.warning("could not punch freed slots: %s", exc)
+            with self._lock:
+                self.index.end_commit()
+            return True
+
+    def stats(self) -> Stats:
+        with self._lock:
+            return Stats(self.state.copy(), self.block_size, self.params.size)
