@@ -164,7 +164,9 @@ def run(command: Command, argv: Sequence[str] | None = None) -> int:
         settings_cls = settings_class(command.settings, command.drivers)
         table = option_table(settings_cls, command.drivers)
         actions = {
-            name: action.help for driver in command.drivers for name, action in driver.actions.items()
+            name: action.help
+            for driver in command.drivers
+            for name, action in driver.actions.items()
         }
         parsed = parse_argv(args, table, list(actions))
         if parsed.help:
