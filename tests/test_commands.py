@@ -328,6 +328,54 @@ OBJSTORE_BAD = [
     ),
 ]
 
+DEDUP = ("usbd-dedup", "usbdsrvd")
+#: usbd-dedup's refusals, from its own command and from usbdsrvd (which reads every installed
+#: driver's options).
+DEDUP_BAD = [
+    Bad(
+        "dedup-blocksize-not-power",
+        ("-dedup-blocksize=3000",),
+        "-dedup-blocksize: invalid block size 2.9 KiB",
+        ("a power of two from 512 B to 64 KiB",),
+        progs=DEDUP,
+    ),
+    Bad(
+        "dedup-blocksize-too-big",
+        ("--dedup-blocksize", "128KiB"),
+        "-dedup-blocksize: invalid block size 128 KiB",
+        ("a power of two from 512 B to 64 KiB",),
+        progs=DEDUP,
+    ),
+    Bad(
+        "dedup-compress",
+        ("-dedup-compress=lz4",),
+        "-dedup-compress: invalid compression 'lz4'",
+        ("zstd or identity",),
+        progs=DEDUP,
+    ),
+    Bad(
+        "dedup-memcache",
+        ("-dedup-memcache=lots",),
+        "-dedup-memcache: invalid size 'lots'",
+        SIZE_UNITS,
+        progs=DEDUP,
+    ),
+    Bad(
+        "dedup-verify",
+        ("-dedup-verify=maybe",),
+        "-dedup-verify: invalid value 'maybe'",
+        ("true or false",),
+        progs=DEDUP,
+    ),
+    Bad(
+        "action-not-offered",
+        ("--check",),
+        "-check: not offered by driver mem",
+        ("it has: none",),
+        progs=("usbdsrvd",),
+    ),
+]
+
 BAD_INPUTS = [
     Bad("unknown-flag", ("-store-sise=1MiB",), "unknown flag -store-sise", ("-store-size",)),
     Bad("unknown-gnu-flag", ("--bogus", "1"), "unknown flag -bogus", ("see -help",), progs=SRVD),
@@ -407,13 +455,6 @@ BAD_INPUTS = [
         ("expected an existing directory",),
     ),
     Bad(
-        "dedup-not-installed",
-        ("-dev-type=dedup",),
-        "-dev-type: unknown device type 'dedup'",
-        ("installed types are ", "mem", "usbd-dedup"),
-        progs=("usbdsrvd",),
-    ),
-    Bad(
         "unknown-dev-type",
         ("-dev-type=floppy",),
         "-dev-type: unknown device type 'floppy'",
@@ -480,6 +521,7 @@ BAD_INPUTS = [
         progs=SRVD,
     ),
     *OBJSTORE_BAD,
+    *DEDUP_BAD,
 ]
 
 

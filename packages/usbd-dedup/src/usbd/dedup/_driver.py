@@ -30,7 +30,7 @@ from ._check import check
 from ._device import DedupDevice
 from ._format import CLEAN, MAX_BLOCK, MIN_BLOCK, STATE, State
 from ._store import Stats
-from ._volume import Mismatch, open_closed, open_volume, volume_dir
+from ._volume import open_closed, open_volume, volume_dir
 
 __all__ = ["DedupOptions", "driver", "main"]
 
@@ -90,17 +90,16 @@ def _create(settings: CommonSettings, options: DedupOptions) -> DedupDevice:
     given_size = "store_size" in settings.model_fields_set and settings.store_size > 0
     if "store_size" in settings.model_fields_set and settings.store_size <= 0:
         raise OptionError("store-size", "a volume needs a size above 0")
-    try:
-        volume = open_volume(
-            volume_dir(settings.store_dir, settings.store_name),
-            size=settings.store_size if given_size else None,
-            block_size=options.blocksize if "blocksize" in options.model_fields_set else None,
-            memcache=options.memcache,
-            compress=options.compress == "zstd",
-            verify=options.verify,
-        )
-    except Mismatch as exc:
-        raise OptionError(exc.flag, str(exc)) from None
+    # A fixed parameter that differs from the volume's is a Mismatch, an OSError naming the
+    # flag: exit status 1, as the volume, not the flag's syntax, is what refuses it.
+    volume = open_volume(
+        volume_dir(settings.store_dir, settings.store_name),
+        size=settings.store_size if given_size else None,
+        block_size=options.blocksize if "blocksize" in options.model_fields_set else None,
+        memcache=options.memcache,
+        compress=options.compress == "zstd",
+        verify=options.verify,
+    )
     try:
         return DedupDevice(volume, pending_limit=max(16384, options.memcache // _BYTES_PER_CHANGE))
     except BaseException:

@@ -119,6 +119,10 @@ class DedupStore:
         self._epoch = 0
         self._reading: dict[int, int] = {}
         self._pools: list[list[int]] = [[] for _ in self.sizes]
+        #: Size classes with no free slot listed in LevelDB (until a commit frees some).
+        self._exhausted = [False] * len(self.sizes)
+        #: Hash index entries removed, ever: a lookup made under an older count is made again.
+        self._hash_removals = 0
         self._changed = False
 
     # -- reading ---------------------------------------------------------------------------
@@ -206,17 +210,21 @@ class DedupStore:
     ) -> list[int]:
         """Store what is new, then publish; the blocks whose content vanished meanwhile
         (freed by another writer between the lookup and the publish) are returned."""
-        # Which contents are not stored yet (one slot each, however many blocks have them).
+        # Which contents are stored already, and which not (one new slot each, however many
+        # blocks have them).
+        known: dict[bytes, Ref] = {}
         new: dict[bytes, int] = {}
         with self._lock:
+            looked = self._hash_removals
             for i in todo:
                 digest = digests[i]
-                if (
-                    digest is not None
-                    and digest not in new
-                    and (digest in collided or self.index.content(digest) is None)
-                ):
+                if digest is None or digest in new or digest in known:
+                    continue
+                found = None if digest in collided else self.index.content(digest)
+                if found is None:
                     new[digest] = i
+                else:
+                    known[digest] = found
         encoded = {d: self.codec.encode(contents[i]) for d, i in new.items()}  # type: ignore[arg-type]
         with self._lock:
             slots = {d: self._allocate(encoded[d][0]) for d in new}
@@ -227,9 +235,8 @@ class DedupStore:
                 for slot in slots.values():
                     self._release(slot)
             raise
-        ours = {
-            d: Ref(slots[d], len(encoded[d][1]), encoded[d][2]) for d in new
-        }  # published on first use
+        ours = {d: Ref(slots[d], len(encoded[d][1]), encoded[d][2]) for d in new}
+        used: set[int] = set()
         again: list[int] = []
         with self._lock:
             self._changed = True
@@ -244,14 +251,31 @@ class DedupStore:
                         rejected.add(number)
                         continue
                     old = current
-                ref = self._ref_for(contents[i], digests[i], ours, collided)
-                if isinstance(ref, _Again):
-                    again.append(i)
-                    continue
+                digest = digests[i]
+                ref: Ref | None
+                if digest is None:
+                    ref = None
+                elif digest in ours:
+                    # New content goes to our slot even if another writer stored the same
+                    # meanwhile: two copies, each with its own count, is allowed.
+                    ref = ours[digest]
+                elif digest in known and self._hash_removals == looked and not self.verify:
+                    ref = known[digest]  # no hash entry removed since the lookup
+                else:
+                    answer = self._ref_for(contents[i], digest, collided)
+                    if isinstance(answer, _Again):
+                        again.append(i)
+                        continue
+                    ref = answer
                 if old is not None and ref is not None and old.slot == ref.slot:
                     continue
                 if ref is not None:
-                    self._incref(ref, digests[i])  # type: ignore[arg-type]
+                    assert digest is not None
+                    if digest in ours and ref.slot not in used:
+                        used.add(ref.slot)
+                        self._first_ref(ref, digest, indexed=digest not in collided)
+                    else:
+                        self._incref(ref, digest)
                     if old is None:
                         self.state.mapped += 1
                 elif old is not None:
@@ -259,37 +283,37 @@ class DedupStore:
                 self.index.set_block(number, ref)
                 if old is not None:
                     self._decref(old)
-            for ref in ours.values():
-                if self.index.count(ref.slot) is None:
-                    self._release(ref.slot)  # nobody used it: another writer stored it first
+            for slot in slots.values():
+                if slot not in used:
+                    self._release(slot)  # nobody used it: another writer stored it first
         return again
 
     def _ref_for(
         self,
         content: bytes | memoryview | None,
-        digest: bytes | None,
-        ours: dict[bytes, Ref],
+        digest: bytes,
         collided: set[bytes],
-    ) -> Ref | _Again | None:
-        """The ref a block gets (None for zeros), or _AGAIN to store it again."""
-        if digest is None:
-            return None
-        mine = ours.get(digest)
-        if digest in collided:
-            return _AGAIN if mine is None else mine
-        found = self.index.content(digest)
+    ) -> Ref | _Again:
+        """The stored ref for content that was found stored at the lookup, or _AGAIN to
+        store it (it was freed since, or it collided)."""
+        found = None if digest in collided else self.index.content(digest)
         if found is None:
-            if mine is None:
-                return _AGAIN
-            self.index.set_content(digest, mine)
-            return mine
-        if self.verify and (mine is None or found.slot != mine.slot):
+            return _AGAIN
+        if self.verify:
             assert content is not None
             if self._content(found) != content:
                 log.warning("hash collision on %s: stored unshared", digest.hex())
                 collided.add(digest)
-                return _AGAIN if mine is None else mine
+                return _AGAIN
         return found
+
+    def _first_ref(self, ref: Ref, digest: bytes, *, indexed: bool) -> None:
+        """The first block to use a new slot: its record, and its hash entry."""
+        self.index.set_count(ref.slot, (1, digest))
+        self.state.unique += 1
+        self.state.stored += self.sizes[slot_class(ref.slot)]
+        if indexed:
+            self.index.set_content(digest, ref)
 
     def _incref(self, ref: Ref, digest: bytes) -> None:
         count = self.index.count(ref.slot)
@@ -311,6 +335,7 @@ class DedupStore:
         indexed = self.index.content(count[1])
         if indexed is not None and indexed.slot == ref.slot:
             self.index.set_content(count[1], None)
+            self._hash_removals += 1
         self.state.unique -= 1
         self.state.stored -= self.sizes[slot_class(ref.slot)]
         self._release(ref.slot)
@@ -318,8 +343,9 @@ class DedupStore:
     def _allocate(self, cls: int) -> int:
         """A slot of class ``cls`` that nothing durable refers to (under the lock)."""
         pool = self._pools[cls]
-        if not pool:
+        if not pool and not self._exhausted[cls]:
             pool.extend(reversed(self.index.listed_free(cls, _REFILL)))
+            self._exhausted[cls] = not pool
         if pool:
             slot = pool.pop()
             self.index.set_free(slot, False)
@@ -392,6 +418,8 @@ class DedupStore:
                 log.warning("could not punch freed slots: %s", exc)
             with self._lock:
                 self.index.end_commit()
+                if any(changes.frees.values()):
+                    self._exhausted = [False] * len(self.sizes)
             return True
 
     def stats(self) -> Stats:
