@@ -56,9 +56,7 @@ class DedupSuite(PersistentDeviceTests):
     def reopen_device(self) -> ReopenDevice:
         def reopen(device: Device) -> Device:
             assert isinstance(device, DedupDevice)
-            return open_device(
-                device.volume.directory, compress=self.compress, verify=self.verify
-            )
+            return open_device(device.volume.directory, compress=self.compress, verify=self.verify)
 
         return reopen
 
