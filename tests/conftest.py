@@ -43,6 +43,12 @@ SIZE = 64 * 1024 * 1024
 #: Where Debian's python3-libnbd installs the ``nbd`` module.
 DIST_PACKAGES = "/usr/lib/python3/dist-packages"
 
+# Test modules import helpers that sit next to this file (quickstart.py); under
+# --import-mode=importlib (as nox runs the tests) this directory is not on sys.path.
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.append(_HERE)
+
 
 def _missing(what: str) -> None:
     """Skip for lack of ``what`` on a developer's machine; fail in CI, where it must exist."""
@@ -366,3 +372,13 @@ def connect(libnbd: ModuleType) -> Iterator[Connect]:
 def tools() -> Callable[..., subprocess.CompletedProcess[str]]:
     """:func:`run_tool`: run a Debian client tool with a timeout, skipping if it is missing."""
     return run_tool
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A short directory: the socket's path must stay under the 108-byte limit."""
+    path = Path(tempfile.mkdtemp(prefix="usbd-doc-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

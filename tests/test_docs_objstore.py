@@ -11,19 +11,11 @@ for the "after a restart" block: the volume must come back from its objects alon
 
 from __future__ import annotations
 
-import os
-import queue
 import re
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+from quickstart import Daemon, shell, tools
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "objstore.md"
 MARKER = re.compile(r"<!-- objstore-quick-start: (.+?) -->\n```\n(.*?)```", re.DOTALL)
@@ -47,100 +39,6 @@ def blocks() -> dict[str, str]:
     return found
 
 
-def tools(*names: str) -> None:
-    """Skip for a missing client tool on a developer's machine, fail in CI (as conftest's
-    require_tool)."""
-    for name in names:
-        if shutil.which(name) is None:
-            if os.environ.get("CI") == "true":
-                pytest.fail(f"the {name!r} program is required in CI", pytrace=False)
-            pytest.skip(f"the {name!r} program is not installed")
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    """A short directory: the socket's path must stay under the 108-byte limit."""
-    path = Path(tempfile.mkdtemp(prefix="usbd-doc-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-class Daemon:
-    """The daemon block: its last line exec'd by bash, so that SIGINT reaches the daemon."""
-
-    def __init__(self, block: str, log: Path) -> None:
-        *setup, command = block.strip().splitlines()
-        script = "\n".join(["set -euo pipefail", *setup, f"exec {command}"])
-        self.log = log
-        with log.open("w") as stderr:
-            self.process = subprocess.Popen(
-                ["bash", "-c", script],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                text=True,
-            )
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.stdout: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        while True:
-            try:
-                line = self.lines.get(timeout=TIMEOUT)
-            except queue.Empty:
-                line = None
-            if line is None:
-                self.process.kill()
-                self.stop(expect_clean=False)
-                pytest.fail(f"the quick start's daemon did not start:\n{self.report()}")
-            if " is serving " in line:
-                return
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.stdout.append(line)
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def stop(self, *, expect_clean: bool = True) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self._reader.join(TIMEOUT)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-        if expect_clean:
-            assert self.process.returncode == 0, self.report()
-            assert "usbd-objstore terminated normally.\n" in self.stdout, self.report()
-            assert "Traceback" not in self.log.read_text(), self.report()
-
-    def report(self) -> str:
-        return f"stdout:\n{''.join(self.stdout)}\nstderr:\n{self.log.read_text()}"
-
-
-def shell(block: str) -> str:
-    """Run a block of commands as a user would type them; what they printed (both streams,
-    as a terminal shows them)."""
-    proc = subprocess.run(
-        ["bash", "-c", "set -eu\n" + block],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=TIMEOUT,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    assert proc.returncode == 0, f"{block}\nexited {proc.returncode}\n{proc.stdout}"
-    return proc.stdout
-
-
 def test_the_quick_start_of_docs_objstore_md_runs_as_written(workdir: Path) -> None:
     tools("nbdinfo", "nbdcopy", "qemu-img")
     here = blocks()
@@ -150,7 +48,7 @@ def test_the_quick_start_of_docs_objstore_md_runs_as_written(workdir: Path) -> N
         # /tmp/ first: the venv may itself live under /tmp (CI's clone does).
         return text.replace("/tmp/", f"{workdir}/").replace(".venv/bin/", f"{bindir}/")
 
-    daemon = Daemon(local(here["daemon"]), workdir / "daemon.log")
+    daemon = Daemon(local(here["daemon"]), workdir / "daemon.log", "usbd-objstore")
     try:
         for line in local(here["daemon output"]).splitlines():
             assert line + "\n" in daemon.stdout, (line, daemon.report())
@@ -169,7 +67,7 @@ def test_the_quick_start_of_docs_objstore_md_runs_as_written(workdir: Path) -> N
     printed = shell(local(here["after a stop"]))
     assert printed.splitlines() == local(here["after a stop output"]).splitlines(), printed
 
-    daemon = Daemon(local(here["daemon"]), workdir / "daemon-again.log")
+    daemon = Daemon(local(here["daemon"]), workdir / "daemon-again.log", "usbd-objstore")
     try:
         printed = shell(local(here["after a restart"]))
     finally:
