@@ -34,7 +34,7 @@ from usbd.core.cli import (
 )
 from usbd.core.cli._config import config_path
 from usbd.core.cli._flags import Parsed, build_parser, parse_argv
-from usbd.core.driver import Driver
+from usbd.core.driver import Action, Driver
 from usbd.core.kernel import DEFAULT_MAX_DEVICES, KernelOptions
 from usbd.core.settings import AesKeySpec, CommonSettings, Count, Size
 
@@ -1049,3 +1049,71 @@ def test_kernel_options_attach_none_needs_listen() -> None:
 def test_kernel_options_attach_none_refuses_a_device() -> None:
     with pytest.raises(UsageError, match=r"^NBD_DEVICE: not allowed with -attach=none$"):
         kernel_options(load(["-attach=none", "-listen=/a/s.sock", "/dev/nbd0"]))
+
+
+# -- a driver's actions (usbd-dedup --check) -------------------------------------------------
+
+
+def _inspect(settings: CommonSettings, options: ToyOptions) -> int:
+    """An action that reports what it got, and fails as its settings ask."""
+    if settings.store_name == "bad-value":
+        raise ValueError("the volume says no")
+    if settings.store_name == "unusable":
+        raise OSError("the volume is in use")
+    print(f"inspect {settings.store_name} cache={options.cache} size={settings.store_size}")
+    return 3
+
+
+ACTING = Driver(
+    name="toy",
+    description="A toy device with an action.",
+    options=ToyOptions,
+    create=_create_toy,
+    actions={"inspect": Action("look at the store, then exit", _inspect)},
+)
+ACTING_COMMAND = Command(PROG, "A toy daemon.", [ACTING], headings=HEADINGS)
+
+
+def test_an_action_runs_instead_of_the_daemon_with_the_same_settings(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["--store-name", "vol", "-toy-cache=2MiB", "--inspect", "-store-size=5MiB"]
+    assert run(ACTING_COMMAND, argv) == 3
+    out, err = capsys.readouterr()
+    assert out == f"inspect vol cache={2 * MiB} size={5 * MiB}\n"
+    assert "started" not in out + err
+
+
+def test_an_action_is_listed_in_the_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(ACTING_COMMAND, ["--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--inspect look at the store, then exit" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "status", "line"),
+    [
+        (["--store-name", "bad-value", "--inspect"], 2, "the volume says no"),
+        (["--store-name", "unusable", "--inspect"], 1, "the volume is in use"),
+        (["--inspect=yes"], 2, "-inspect: takes no value (it is what the command does)"),
+        (["--inspect", "-inspect"], None, None),
+    ],
+)
+def test_an_actions_errors_are_one_line_with_the_daemons_statuses(
+    argv: list[str], status: int | None, line: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = run(ACTING_COMMAND, argv)
+    _out, err = capsys.readouterr()
+    if status is None:  # the same action twice is the action once
+        assert result == 3, err
+        return
+    assert result == status
+    assert err.strip().splitlines() == [f"{PROG}: error: {line}"], err
+
+
+def test_a_driver_without_the_action_refuses_it(capsys: pytest.CaptureFixture[str]) -> None:
+    both = Command(PROG, "two", [TOY, ACTING], headings=HEADINGS)
+    assert parse_argv(["--inspect"], [], ["inspect"]).action == "inspect"
+    assert run(TOY_COMMAND, ["--inspect"]) == 2
+    assert "unknown flag -inspect" in capsys.readouterr().err
+    assert both.drivers[0] is TOY

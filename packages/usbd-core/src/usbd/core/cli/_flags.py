@@ -70,9 +70,7 @@ def _put(values: dict[str, Any], option: Option, value: object) -> None:
         target[leaf] = value
 
 
-def parse_argv(
-    argv: Sequence[str], table: Sequence[Option], actions: Sequence[str] = ()
-) -> Parsed:
+def parse_argv(argv: Sequence[str], table: Sequence[Option], actions: Sequence[str] = ()) -> Parsed:
     """The given flags only (nothing defaulted), nested the way the settings model nests.
 
     ``-flag value``, ``-flag=value``, ``--flag value`` and ``--flag=value`` are the same; a
@@ -104,7 +102,9 @@ def parse_argv(
         if name == "version":
             parsed.version = True
             continue
-        if name in actions and not eq:
+        if name in actions:
+            if eq:
+                raise UsageError(f"-{name}: takes no value (it is what the command does)")
             if parsed.action not in (None, name):
                 raise UsageError(f"-{name}: not allowed with -{parsed.action}")
             parsed.action = name
