@@ -404,7 +404,7 @@ def s3backer_version() -> str:
     return (done.stdout + done.stderr).strip().splitlines()[0] if done.stdout + done.stderr else ""
 
 
-def missing(suite: Suite) -> str | None:
+def missing(suite: Suite, args: argparse.Namespace | None = None) -> str | None:
     """What the suite cannot do without, or None (a missing peer is not that: it is left out,
     and why is reported). The S3 server is usbd-objstore's test helper, so even a run of the
     peers alone needs usbd-objstore."""

@@ -1,6 +1,6 @@
 """Benchmark usbd's drivers against nbdkit with fio over NBD on unix sockets (not a test).
 
-Three suites, each one usbd driver against the servers that do the same job:
+Four suites, each one usbd driver against the servers that do the same job:
 
 - ``ramdisk``: ``usbd-ramdisk`` against ``nbdkit memory`` (C) and nbdkit's Python plugin
   with ``bench/nbdkit_ramdisk.py``, each a RAM disk.
@@ -9,6 +9,9 @@ Three suites, each one usbd driver against the servers that do the same job:
 - ``objstore``: ``usbd-objstore`` against usbd-filedisk, nbdkit's S3 plugin and s3backer, all
   on one SeaweedFS, plus cold passes, the raw S3 server and write amplification; it lives in
   ``bench/objstore.py`` and uses this module's machinery through ``SuiteHooks``.
+- ``dedup``: ``usbd-dedup`` against usbd-filedisk and usbd-ramdisk, with workloads of its own
+  (duplicate and unique 1 MiB writes, data chosen with fio's seeds), checks of the dedup
+  ratio, and a memory probe; in ``bench/dedup.py``, through ``SuiteHooks`` too.
 
 A suite's servers run side by side; every device is filled by one sequential write pass
 first, so that reads read data, not holes (the files start sparse). Then, round after round,
@@ -27,6 +30,8 @@ reference is ``Suite.baseline``, an nbdkit server; not to be confused with ``--b
 - file, against nbdkit file: >= 0.9x on 1 MiB sequential, >= 0.8x on 4 KiB random.
 - objstore: warm, >= 0.5x usbd-filedisk and >= 5x nbdkit's S3 plugin on 4 KiB random; cold
   1 MiB sequential, >= 0.8x the raw S3 server (see bench/objstore.py).
+- dedup: duplicate 1 MiB writes >= 0.5x usbd-ramdisk; 1 MiB sequential reads >= 0.8x and
+  unique 1 MiB writes >= 0.5x usbd-filedisk (see bench/dedup.py).
 
 Before and after: ``--baseline REV`` (any git revision) adds that revision's usbd driver to
 each suite as one more server, ``usbd-ramdisk@<hash>`` and ``usbd-filedisk@<hash>``, run side
@@ -43,7 +48,7 @@ not leak in), not editable, into a venv of its own cached by commit hash under
 it runs with ``python -I``, so that neither ``PYTHONPATH`` nor the current directory can put
 the current tree's code in its place.
 
-Usage: ``python bench/run.py [--suite ramdisk|file|all] [--runtime 10] [--rounds 3]
+Usage: ``python bench/run.py [--suite ramdisk|file|objstore|dedup|all] [--runtime 10] [--rounds 3]
 [--baseline REV] [--output bench-results/bench.json]`` (``nox -s bench -- ARGS`` passes ARGS
 through). Uses only the standard library and the installed usbd packages; needs ``fio`` (with
 ``ioengine=nbd``) and ``nbdkit`` (with its python plugin; the file plugin is built in) on
@@ -110,6 +115,7 @@ class Suite:
     ``more_targets`` are minimum ratios to servers other than ``baseline`` (reference, then
     ratios per workload), ``extras`` the names of what a suite measures outside the rotation
     of ``servers`` (the objstore suite's cold daemon and raw S3 client; see bench/objstore.py).
+    ``workloads`` are what the rotation runs (the dedup suite has its own: see bench/dedup.py).
     """
 
     name: str
@@ -120,6 +126,7 @@ class Suite:
     rss_target_mib: int | None = None
     more_targets: tuple[tuple[str, Mapping[str, float]], ...] = ()
     extras: tuple[str, ...] = ()
+    workloads: tuple[Workload, ...] = WORKLOADS
 
     @property
     def servers(self) -> tuple[str, ...]:
@@ -153,13 +160,32 @@ SUITES = (
         more_targets=(("nbdkit-s3", {"rand-read-4K": 5.0, "rand-write-4K": 5.0}),),
         extras=("usbd-objstore-cold", "raw-s3"),
     ),
+    # Every workload against all three servers; the targets compare different servers per
+    # workload (duplicate writes against the RAM disk), see bench/dedup.py.
+    Suite(
+        "dedup",
+        "usbd-dedup",
+        ("usbd-filedisk", "usbd-ramdisk"),
+        "usbd-filedisk",
+        {"uniq-write-1M": 0.5, "seq-read-1M": 0.8},
+        more_targets=(("usbd-ramdisk", {"dup-write-1M": 0.5}),),
+        workloads=(
+            Workload("dup-write-1M", "write", "1M", 8, "write"),
+            Workload("uniq-write-1M", "write", "1M", 8, "write"),
+            WORKLOADS[0],
+            WORKLOADS[2],
+            WORKLOADS[3],
+        ),
+    ),
 )
 SERVERS = tuple(dict.fromkeys(n for suite in SUITES for n in (*suite.servers, *suite.extras)))
+WORKLOAD_NAMES = tuple(dict.fromkeys(w.name for suite in SUITES for w in suite.workloads))
 #: The module each usbd server runs as (``python -m``), checked before anything starts.
 USBD_MODULES = {
     "usbd-ramdisk": "usbd.ramdisk",
     "usbd-filedisk": "usbd.filedisk",
     "usbd-objstore": "usbd.objstore",
+    "usbd-dedup": "usbd.dedup",
 }
 #: What a ``--baseline`` venv gets from the revision's tree, in this order (core first, so that
 #: the drivers' dependency on it is met by the revision's own core, not by one from an index).
@@ -622,9 +648,15 @@ def fio(
 
 
 def measure(
-    server: Server, workload: Workload, args: argparse.Namespace
+    server: Server,
+    workload: Workload,
+    args: argparse.Namespace,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, float | int | str]:
-    """One timed run of ``workload`` against ``server``; throughput, latency and CPU."""
+    """One timed run of ``workload`` against ``server``; throughput, latency and CPU.
+
+    ``extra`` fio options are added last (a suite's region or data options); None drops one.
+    """
     options: dict[str, Any] = {
         "rw": workload.rw,
         "bs": workload.bs,
@@ -637,6 +669,8 @@ def measure(
     }
     if workload.rw.startswith("rand"):
         options.update(norandommap=1, randrepeat=0)
+    options.update(extra or {})
+    options = {key: value for key, value in options.items() if value is not None}
     cpu_before = server.cpu_seconds()
     wall_before = time.monotonic()
     job = fio(
@@ -717,12 +751,17 @@ class SuiteHooks:
 
     ``after_prefill`` runs once every server is filled (and the page cache written back),
     ``each_round`` after each round's workloads (with the round's index), ``after_rounds``
-    after the last round, before the verify passes; all while the servers run.
+    after the last round, before the verify passes; all while the servers run. ``measure``
+    runs one workload against one server in place of ``measure()`` and returns the same
+    record (the dedup suite's regions, data and back-to-back passes).
     """
 
     after_prefill: Callable[[dict[str, Any]], None] | None = None
     each_round: Callable[[int, dict[str, Any]], None] | None = None
     after_rounds: Callable[[dict[str, Any]], None] | None = None
+    measure: (
+        Callable[[Server, Workload, argparse.Namespace], dict[str, float | int | str]] | None
+    ) = None
 
 
 def run_suite(
@@ -776,12 +815,13 @@ def run_suite(
             if hooks.after_prefill is not None:
                 hooks.after_prefill(result)
             width = max(len(name) for name in names)
+            run_one = hooks.measure or measure
             for round_ in range(args.rounds):
                 shift = round_ % len(names)
                 order = [*names[shift:], *names[:shift]]
                 for workload in workloads:
                     for name in order:
-                        sample = measure(servers[name], workload, args)
+                        sample = run_one(servers[name], workload, args)
                         entry = result["workloads"].setdefault(workload.name, {})
                         entry.setdefault(name, {"rounds": []})["rounds"].append(sample)
                         print(
@@ -952,7 +992,7 @@ def report(suite: Suite, result: dict[str, Any], rounds: int, how: str, size: in
             "CPU us/IO now/before",
         ]
     ]
-    for workload in WORKLOADS:
+    for workload in suite.workloads:
         per_server = result["workloads"].get(workload.name)
         if not per_server:
             continue
@@ -1052,13 +1092,24 @@ def memory_lines(suite: Suite, memory: Mapping[str, Any], size: int) -> list[str
 # -- main --------------------------------------------------------------------------------
 
 
-def load_objstore() -> Any:
-    """bench/objstore.py, the objstore suite; it builds on this module, which it imports as
-    ``run`` (the same module object, also when this file runs as ``__main__``)."""
+def load_suite_module(name: str) -> Any:
+    """bench/<name>.py, a suite with a module of its own (objstore, dedup); it builds on this
+    module, which it imports as ``run`` (the same module object, also when this file runs as
+    ``__main__``)."""
     sys.modules.setdefault("run", sys.modules[__name__])
     if str(HERE) not in sys.path:
         sys.path.insert(0, str(HERE))
-    return importlib.import_module("objstore")
+    return importlib.import_module(name)
+
+
+def load_objstore() -> Any:
+    """bench/objstore.py, the objstore suite."""
+    return load_suite_module("objstore")
+
+
+def load_dedup() -> Any:
+    """bench/dedup.py, the dedup suite."""
+    return load_suite_module("dedup")
 
 
 def version(program: str) -> str:
@@ -1117,9 +1168,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--workloads",
         nargs="+",
-        choices=[w.name for w in WORKLOADS],
-        default=[w.name for w in WORKLOADS],
-        help="workloads to run (default all)",
+        choices=WORKLOAD_NAMES,
+        default=list(WORKLOAD_NAMES),
+        help="workloads to run, in each suite that has them (default all)",
     )
     parser.add_argument("--no-verify", action="store_true", help="skip the verify passes")
     parser.add_argument(
@@ -1136,6 +1187,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON results file (default bench-results/bench.json)",
     )
     load_objstore().add_arguments(parser)
+    load_dedup().add_arguments(parser)
     return parser
 
 
@@ -1143,21 +1195,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if shutil.which("fio") is None:
         sys.exit("bench: fio not found on PATH (Debian: apt-get install fio)")
-    workloads = [w for w in WORKLOADS if w.name in args.workloads]
+    workloads = {
+        suite.name: [w for w in suite.workloads if w.name in args.workloads] for suite in SUITES
+    }
     plan = [
         (suite, [name for name in suite.servers if name in args.servers])
         for suite in SUITES
-        if args.suite in (suite.name, "all")
+        if args.suite in (suite.name, "all") and workloads[suite.name]
     ]
     plan = [(suite, names) for suite, names in plan if names]
     if not plan:
-        sys.exit(f"bench: none of --servers {' '.join(args.servers)} is in suite {args.suite}")
+        sys.exit(
+            f"bench: none of --servers {' '.join(args.servers)} with any of --workloads"
+            f" {' '.join(args.workloads)} is in suite {args.suite}"
+        )
     objstore = load_objstore()
+    dedup = load_dedup()
+    own = {objstore.SUITE: objstore, dedup.SUITE: dedup}  # suites with a module of their own
     skipped = set()
     for suite, _ in plan:
-        # It needs usbd-objstore with its test extra (boto3, SeaweedFS), which a venv made for
-        # the other suites may not have: run without it, unless it was asked for by name.
-        problem = objstore.missing(suite) if suite.name == objstore.SUITE else None
+        # They need what a venv made for the other suites may not have (usbd-objstore with
+        # boto3 and SeaweedFS; usbd-dedup, a disk filesystem): run without them, unless
+        # asked for by name.
+        problem = own[suite.name].missing(suite, args) if suite.name in own else None
         if problem is not None:
             if args.suite == suite.name:
                 sys.exit(f"bench: the {suite.name} suite cannot run: {problem}")
@@ -1198,7 +1258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "verify_size": args.verify_size,
             "baseline": None if baseline is None else baseline.as_json(),
             "workloads": {
-                w.name: {"rw": w.rw, "bs": w.bs, "iodepth": w.iodepth} for w in workloads
+                w.name: {"rw": w.rw, "bs": w.bs, "iodepth": w.iodepth}
+                for suite, _ in plan
+                for w in workloads[suite.name]
             },
         },
         "machine": {
@@ -1216,13 +1278,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         servers = make_servers(Path(tmp), args.size, baseline)
         for suite, names in plan:
             try:
-                if suite.name == objstore.SUITE:
-                    # Its servers need an S3 server started first, and its own device size.
-                    result = objstore.run_suite(suite, names, workloads, args, Path(tmp))
+                chosen = workloads[suite.name]
+                if suite.name in own:
+                    # The objstore suite's servers need an S3 server started first, and its
+                    # own device size; the dedup suite's, regions and data of their own.
+                    result = own[suite.name].run_suite(suite, names, chosen, args, Path(tmp))
                 else:
-                    result = run_suite(
-                        suite, servers, names, workloads, args, revisions[suite.name]
-                    )
+                    result = run_suite(suite, servers, names, chosen, args, revisions[suite.name])
                 results["suites"][suite.name] = result
             except (RuntimeError, KeyboardInterrupt) as exc:
                 print(f"bench: aborted in the {suite.name} suite: {exc}", file=sys.stderr)
@@ -1231,8 +1293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.output.write_text(json.dumps(results, indent=2) + "\n")
     for suite, _ in plan:
         print()
-        if suite.name == objstore.SUITE:
-            print(objstore.report(suite, results["suites"][suite.name], args))
+        if suite.name in own:
+            print(own[suite.name].report(suite, results["suites"][suite.name], args))
         else:
             print(report(suite, results["suites"][suite.name], args.rounds, args.stat, args.size))
     print(f"\nbench: results written to {args.output}")
