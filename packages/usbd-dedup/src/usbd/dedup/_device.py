@@ -115,13 +115,14 @@ class DedupDevice(Device):
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
         self._check_open()
-        self.store.add_written(len(data))
+        written = len(data)  # counted once, with the first put
         size = self.unit
         end = offset + len(data)
         head = -offset % size
         if head:
             cut = min(head, len(data))
-            self._merge(offset, data[:cut])
+            self._merge(offset, data[:cut], written)
+            written = 0
             offset += cut
             data = data[cut:]
         whole = (end - offset) // size
@@ -129,14 +130,16 @@ class DedupDevice(Device):
             n = min(_BATCH, whole - start)
             chunk = data[start * size : (start + n) * size]
             contents = [self._content(chunk[k * size : (k + 1) * size]) for k in range(n)]
-            self.store.put(offset // size + start, contents)
+            self.store.put(offset // size + start, contents, written=written)
+            written = 0
         rest = data[whole * size :]
         if rest:
-            self._merge(offset + whole * size, rest)
+            self._merge(offset + whole * size, rest, written)
         self._committed_enough()
 
-    def _merge(self, offset: int, piece: memoryview | bytes) -> None:
-        """Part of one block: read it, merge, put it back if nobody changed it meanwhile."""
+    def _merge(self, offset: int, piece: memoryview | bytes, written: int = 0) -> None:
+        """Part of one block: read it, merge, put it back if nobody changed it meanwhile
+        (``written``: what the client wrote, counted with the first attempt)."""
         size = self.unit
         number = offset // size
         at = offset - number * size
@@ -147,8 +150,9 @@ class DedupDevice(Device):
                 seen: Ref | None = refs[0]
             block[at : at + len(piece)] = piece
             content = None if block == self._zero else bytes(block)
-            if not self.store.put(number, [content], {number: seen}):
+            if not self.store.put(number, [content], {number: seen}, written=written):
                 return
+            written = 0
 
     def zero(self, offset: int, length: int, *, may_trim: bool, fua: bool, fast: bool) -> None:
         # Dropping references is always fast, and a zero block is never stored anyway.

@@ -86,13 +86,28 @@ class Index:
 
     def __init__(self, db: plyvel.DB) -> None:
         self.db = db
-        self.pending = Changes()
+        self._pending = Changes()
         self.committing: Changes | None = None
+        #: The layers newest first (kept, not built per lookup: lookups are the hot path).
+        self._layers_now: tuple[Changes, ...] = (self._pending,)
+
+    @property
+    def pending(self) -> Changes:
+        return self._pending
+
+    @pending.setter
+    def pending(self, changes: Changes) -> None:
+        self._pending = changes
+        self._relayer()
+
+    def _relayer(self) -> None:
+        if self.committing is None:
+            self._layers_now = (self._pending,)
+        else:
+            self._layers_now = (self._pending, self.committing)
 
     def _layers(self) -> tuple[Changes, ...]:
-        if self.committing is None:
-            return (self.pending,)
-        return (self.pending, self.committing)
+        return self._layers_now
 
     # -- lookups ---------------------------------------------------------------------------
 
@@ -161,16 +176,16 @@ class Index:
     # -- changes ---------------------------------------------------------------------------
 
     def set_block(self, number: int, ref: Ref | None) -> None:
-        self.pending.maps[number] = ref
+        self._pending.maps[number] = ref
 
     def set_count(self, slot: int, count: RefCount | None) -> None:
-        self.pending.refs[slot] = count
+        self._pending.refs[slot] = count
 
     def set_content(self, digest: bytes, ref: Ref | None) -> None:
-        self.pending.hashes[digest] = ref
+        self._pending.hashes[digest] = ref
 
     def set_free(self, slot: int, free: bool) -> None:
-        self.pending.frees[slot] = free
+        self._pending.frees[slot] = free
 
     # -- commits ---------------------------------------------------------------------------
 
@@ -178,8 +193,9 @@ class Index:
         """Turn ``pending`` into ``committing`` (under the caller's lock; one commit at a time)."""
         if self.committing is not None:
             raise RuntimeError("a commit is already in progress")
-        changes, self.pending = self.pending, Changes()
+        changes = self._pending
         self.committing = changes
+        self.pending = Changes()
         return changes
 
     def write(self, changes: Changes, state: State, *, sync: bool = True) -> None:
@@ -191,3 +207,4 @@ class Index:
 
     def end_commit(self) -> None:
         self.committing = None
+        self._relayer()

@@ -183,19 +183,25 @@ class DedupStore:
         first: int,
         contents: Sequence[bytes | memoryview | None],
         expect: dict[int, Ref | None] | None = None,
+        *,
+        written: int = 0,
     ) -> set[int]:
         """Blocks ``first``, ``first + 1``, ... get ``contents`` (None: zeros, not stored).
 
         ``expect`` makes some blocks conditional (a partial write's read-modify-write): such
         a block is written only if its ref is still the one given, and the numbers of those
-        that were not are returned, for the caller to read and merge again.
+        that were not are returned, for the caller to read and merge again. ``written`` is
+        added to the count of bytes clients wrote.
         """
         digests = [None if c is None else content_hash(c) for c in contents]
         rejected: set[int] = set()
         todo = list(range(len(contents)))
         collided: set[bytes] = set()
         while todo:
-            todo = self._put_round(first, contents, digests, todo, expect, rejected, collided)
+            todo = self._put_round(
+                first, contents, digests, todo, expect, rejected, collided, written
+            )
+            written = 0
         return rejected
 
     def _put_round(
@@ -207,6 +213,7 @@ class DedupStore:
         expect: dict[int, Ref | None] | None,
         rejected: set[int],
         collided: set[bytes],
+        written: int,
     ) -> list[int]:
         """Store what is new, then publish; the blocks whose content vanished meanwhile
         (freed by another writer between the lookup and the publish) are returned."""
@@ -240,6 +247,7 @@ class DedupStore:
         again: list[int] = []
         with self._lock:
             self._changed = True
+            self.state.written += written
             olds = self.index.blocks(first + todo[0], todo[-1] - todo[0] + 1)
             base = todo[0]
             for i in todo:
@@ -376,11 +384,6 @@ class DedupStore:
                 j += 1
             self.files.write(cls, start, [payloads[s] for s in order[i:j]])
             i = j
-
-    def add_written(self, count: int) -> None:
-        with self._lock:
-            self.state.written += count
-            self._changed = True
 
     # -- committing ------------------------------------------------------------------------
 
