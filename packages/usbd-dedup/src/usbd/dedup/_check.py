@@ -97,8 +97,12 @@ def check(db: plyvel.DB, files: BlockFiles, params: Params, *, deep: bool) -> Re
                 beyond += 1
                 continue
             if not inside(ref.slot):
+                # Left as it is, the block would read whatever is stored there next, and
+                # overwriting it would drop a reference of another block's slot.
+                batch.delete(key)
                 report.damage(
-                    f"block {number} refers to slot {ref.slot:#x}, which was never stored"
+                    f"block {number} referred to slot {ref.slot:#x}, which was never "
+                    "stored: it now reads as zeros"
                 )
                 continue
             cls, index = slot_class(ref.slot), slot_index(ref.slot)
@@ -134,13 +138,14 @@ def check(db: plyvel.DB, files: BlockFiles, params: Params, *, deep: bool) -> Re
 
         # Used slots without a record: the data is there, the record is rebuilt from it.
         rebuilt: dict[int, bytes] = {}
+        lost: set[int] = set()
         for cls in range(len(sizes)):
             for index in range(high[cls]):
                 if counts[cls][index] and marks[cls][index] != _USED:
                     slot = slot_id(cls, index)
                     found = _rehash(files, codec, db, slot, block_size)
                     if found is None:
-                        report.damage(f"slot {slot:#x} is used but unreadable")
+                        lost.add(slot)
                         continue
                     batch.put(ref_key(slot), pack_count(counts[cls][index], found))
                     marks[cls][index] = _USED
@@ -148,6 +153,18 @@ def check(db: plyvel.DB, files: BlockFiles, params: Params, *, deep: bool) -> Re
                     unique += 1
                     stored += sizes[cls]
         report.repair(len(rebuilt), "slot records rebuilt from the data")
+        if lost:
+            # Their blocks' content is gone: the blocks read as zeros from now on, and the
+            # slots (used by nothing then) are freed below.
+            for key, value in db.iterator(prefix=b"m"):
+                ref = Ref.unpack(value)
+                if ref.slot in lost:
+                    batch.delete(key)
+                    mapped -= 1
+                    report.damage(
+                        f"block {key_number(key)}: its slot {ref.slot:#x} has no record and "
+                        "cannot be read: it now reads as zeros"
+                    )
 
         def recorded(slot: int) -> bytes | None:
             """The content hash a used slot's record gives (None: not a used slot)."""

@@ -145,12 +145,14 @@ class DedupDevice(Device):
         at = offset - number * size
         while True:
             block = bytearray(size)
+            since = self.store.generation  # before the read: see DedupStore.put
             with self.store.reading(number, 1) as refs:
                 self.store.fill(refs, memoryview(block))
                 seen: Ref | None = refs[0]
             block[at : at + len(piece)] = piece
             content = None if block == self._zero else bytes(block)
-            if not self.store.put(number, [content], {number: seen}, written=written):
+            expect = {number: seen}
+            if not self.store.put(number, [content], expect, since=since, written=written):
                 return
             written = 0
 
@@ -190,9 +192,8 @@ class DedupDevice(Device):
         try:
             self.store.commit()
         except OSError as exc:
-            # A failed fdatasync may have dropped the pages it could not write (Linux marks
-            # them clean): nothing written since the last commit can be promised any more.
-            self._failure = f"a commit failed: {exc}"
+            # The store refuses every commit after a failed one (see DedupStore.commit).
+            self._failure = self.store.failure or f"a commit failed: {exc}"
             raise DeviceError(exc.errno or errno.EIO, self._failure) from exc
 
     def _committed_enough(self) -> None:
@@ -213,19 +214,20 @@ class DedupDevice(Device):
             try:
                 self.store.commit()
             except Exception as exc:
-                self._failure = f"a commit failed: {exc}"
+                self._failure = self.store.failure or f"a commit failed: {exc}"
                 log.exception("%s", self._failure)
                 return
 
     def failed(self) -> str | None:
-        return self._failure
+        return self._failure or self.store.failure
 
     def _check_open(self, *, reading: bool = False) -> None:
         """Closed: EBADF for everything. Failed: EIO for changes (reads still work)."""
         if self._closed:
             raise DeviceError(errno.EBADF, "the device is closed")
-        if self._failure is not None and not reading:
-            raise DeviceError(errno.EIO, self._failure)
+        failure = self._failure or self.store.failure
+        if failure is not None and not reading:
+            raise DeviceError(errno.EIO, failure)
 
     # -- statistics and close --------------------------------------------------------------
 
@@ -242,10 +244,11 @@ class DedupDevice(Device):
         if self._previous_usr1 is not None:
             with contextlib.suppress(ValueError):
                 signal.signal(signal.SIGUSR1, self._previous_usr1)  # type: ignore[arg-type]
-        clean = self._failure is None
+        clean = False
         try:
-            if clean:
+            if self._failure is None and self.store.failure is None:
                 self.store.commit()
+                clean = True  # only once everything is durable
         finally:
             log.info("statistics at exit: %s", self.store.stats().summary())
             self.volume.close(clean=clean)

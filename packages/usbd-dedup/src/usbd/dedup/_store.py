@@ -121,8 +121,11 @@ class DedupStore:
         self._pools: list[list[int]] = [[] for _ in self.sizes]
         #: Size classes with no free slot listed in LevelDB (until a commit frees some).
         self._exhausted = [False] * len(self.sizes)
-        #: Hash index entries removed, ever: a lookup made under an older count is made again.
-        self._hash_removals = 0
+        #: Commits that made freed slots reusable, ever: a conditional put whose block was read
+        #: under an older count cannot tell its slot from a reused one (see put()).
+        self.generation = 0
+        #: Why commits are refused from now on (see commit()).
+        self.failure: str | None = None
         self._changed = False
 
     # -- reading ---------------------------------------------------------------------------
@@ -184,14 +187,18 @@ class DedupStore:
         contents: Sequence[bytes | memoryview | None],
         expect: dict[int, Ref | None] | None = None,
         *,
+        since: int = 0,
         written: int = 0,
     ) -> set[int]:
         """Blocks ``first``, ``first + 1``, ... get ``contents`` (None: zeros, not stored).
 
         ``expect`` makes some blocks conditional (a partial write's read-modify-write): such
         a block is written only if its ref is still the one given, and the numbers of those
-        that were not are returned, for the caller to read and merge again. ``written`` is
-        added to the count of bytes clients wrote.
+        that were not are returned, for the caller to read and merge again. An equal ref
+        means equal content only while its slot has not been freed and reused, so
+        ``since`` is :attr:`generation` as it was before the block was read: a block with a
+        stored ref is also refused once a later commit has made freed slots reusable.
+        ``written`` is added to the count of bytes clients wrote.
         """
         digests = [None if c is None else content_hash(c) for c in contents]
         rejected: set[int] = set()
@@ -199,7 +206,7 @@ class DedupStore:
         collided: set[bytes] = set()
         while todo:
             todo = self._put_round(
-                first, contents, digests, todo, expect, rejected, collided, written
+                first, contents, digests, todo, expect, since, rejected, collided, written
             )
             written = 0
         return rejected
@@ -211,6 +218,7 @@ class DedupStore:
         digests: Sequence[bytes | None],
         todo: list[int],
         expect: dict[int, Ref | None] | None,
+        since: int,
         rejected: set[int],
         collided: set[bytes],
         written: int,
@@ -222,7 +230,6 @@ class DedupStore:
         known: dict[bytes, Ref] = {}
         new: dict[bytes, int] = {}
         with self._lock:
-            looked = self._hash_removals
             for i in todo:
                 digest = digests[i]
                 if digest is None or digest in new or digest in known:
@@ -248,71 +255,105 @@ class DedupStore:
         with self._lock:
             self._changed = True
             self.state.written += written
-            olds = self.index.blocks(first + todo[0], todo[-1] - todo[0] + 1)
-            base = todo[0]
-            for i in todo:
-                number = first + i
-                old = olds[i - base]
-                if expect is not None and number in expect:
-                    current = self.index.block(number)
-                    if current != expect[number]:
-                        rejected.add(number)
-                        continue
-                    old = current
-                digest = digests[i]
-                ref: Ref | None
-                if digest is None:
-                    ref = None
-                elif digest in ours:
+            try:
+                self._publish(
+                    first, contents, digests, todo, expect, since, rejected, collided,
+                    known, new, ours, used, again,
+                )  # fmt: skip
+            finally:
+                for slot in slots.values():
+                    if slot not in used:
+                        self._release(slot)  # not used: stored by another writer first
+        return again
+
+    def _publish(
+        self,
+        first: int,
+        contents: Sequence[bytes | memoryview | None],
+        digests: Sequence[bytes | None],
+        todo: list[int],
+        expect: dict[int, Ref | None] | None,
+        since: int,
+        rejected: set[int],
+        collided: set[bytes],
+        known: dict[bytes, Ref],
+        new: dict[bytes, int],
+        ours: dict[bytes, Ref],
+        used: set[int],
+        again: list[int],
+    ) -> None:
+        """Point the blocks at their content (under the lock): the second half of a round."""
+        olds = self.index.blocks(first + todo[0], todo[-1] - todo[0] + 1)
+        base = todo[0]
+        for i in todo:
+            number = first + i
+            old = olds[i - base]
+            if (
+                expect is not None
+                and number in expect
+                and (old != expect[number] or (old is not None and self.generation != since))
+            ):
+                rejected.add(number)
+                continue
+            digest = digests[i]
+            ref: Ref | None = None
+            if digest is not None:
+                if digest in ours:
                     # New content goes to our slot even if another writer stored the same
                     # meanwhile: two copies, each with its own count, is allowed.
+                    if self.verify and contents[i] != contents[new[digest]]:
+                        collided.add(digest)  # the same hash in this write, other bytes
+                        again.append(i)
+                        continue
                     ref = ours[digest]
-                elif digest in known and self._hash_removals == looked and not self.verify:
-                    ref = known[digest]  # no hash entry removed since the lookup
                 else:
-                    answer = self._ref_for(contents[i], digest, collided)
-                    if isinstance(answer, _Again):
+                    answer = self._stored(contents[i], digest, known.get(digest), collided)
+                    if answer is None:
                         again.append(i)
                         continue
                     ref = answer
-                if old is not None and ref is not None and old.slot == ref.slot:
-                    continue
-                if ref is not None:
-                    assert digest is not None
-                    if digest in ours and ref.slot not in used:
-                        used.add(ref.slot)
-                        self._first_ref(ref, digest, indexed=digest not in collided)
-                    else:
-                        self._incref(ref, digest)
-                    if old is None:
-                        self.state.mapped += 1
-                elif old is not None:
-                    self.state.mapped -= 1
-                self.index.set_block(number, ref)
-                if old is not None:
-                    self._decref(old)
-            for slot in slots.values():
-                if slot not in used:
-                    self._release(slot)  # nobody used it: another writer stored it first
-        return again
+            if old is not None and ref is not None and old.slot == ref.slot:
+                continue
+            if ref is not None:
+                assert digest is not None
+                if digest in ours and ref.slot not in used:
+                    used.add(ref.slot)
+                    self._first_ref(ref, digest, indexed=digest not in collided)
+                else:
+                    self._incref(ref)
+                if old is None:
+                    self.state.mapped += 1
+            elif old is not None:
+                self.state.mapped -= 1
+            self.index.set_block(number, ref)
+            if old is not None:
+                self._decref(old)
 
-    def _ref_for(
+    def _stored(
         self,
         content: bytes | memoryview | None,
         digest: bytes,
+        known: Ref | None,
         collided: set[bytes],
-    ) -> Ref | _Again:
-        """The stored ref for content that was found stored at the lookup, or _AGAIN to
-        store it (it was freed since, or it collided)."""
-        found = None if digest in collided else self.index.content(digest)
+    ) -> Ref | None:
+        """The stored ref for content found stored at the lookup, or None to store it (it
+        was freed since, or it collided)."""
+        found = known
+        if found is None or self.verify:
+            found = None if digest in collided else self.index.content(digest)
         if found is None:
-            return _AGAIN
+            return None
+        # The slot must still be used and hold this content: between the lookup and now it
+        # may have been freed (even reused, after a commit), its hash entry replaced.
+        count = self.index.count(found.slot)
+        if count is None or count[1] != digest:
+            return None
         if self.verify:
             assert content is not None
             if self._content(found) != content:
                 log.warning("hash collision on %s: stored unshared", digest.hex())
                 collided.add(digest)
-                return _AGAIN
+                return None
         return found
 
     def _first_ref(self, ref: Ref, digest: bytes, *, indexed: bool) -> None:
@@ -323,14 +364,11 @@ class DedupStore:
         if indexed:
             self.index.set_content(digest, ref)
 
-    def _incref(self, ref: Ref, digest: bytes) -> None:
+    def _incref(self, ref: Ref) -> None:
+        """One more block uses a used slot (_stored has just checked that it is)."""
         count = self.index.count(ref.slot)
-        if count is None:
-            self.index.set_count(ref.slot, (1, digest))
-            self.state.unique += 1
-            self.state.stored += self.sizes[slot_class(ref.slot)]
-        else:
-            self.index.set_count(ref.slot, (count[0] + 1, count[1]))
+        assert count is not None
+        self.index.set_count(ref.slot, (count[0] + 1, count[1]))
 
     def _decref(self, ref: Ref) -> None:
         count = self.index.count(ref.slot)
@@ -343,7 +381,6 @@ class DedupStore:
         indexed = self.index.content(count[1])
         if indexed is not None and indexed.slot == ref.slot:
             self.index.set_content(count[1], None)
-            self._hash_removals += 1
         self.state.unique -= 1
         self.state.stored -= self.sizes[slot_class(ref.slot)]
         self._release(ref.slot)
@@ -395,6 +432,8 @@ class DedupStore:
     def commit(self) -> bool:
         """Make everything put so far durable; False if there was nothing to commit."""
         with self._commit_lock:
+            if self.failure is not None:
+                raise DeviceError(errno.EIO, self.failure)
             with self._lock:
                 if not self._changed:
                     return False
@@ -408,7 +447,11 @@ class DedupStore:
             try:
                 self.files.sync()
                 self.index.write(changes, state)
-            except BaseException:
+            except BaseException as exc:
+                # Never again: after a failed fdatasync Linux may have dropped the pages it
+                # could not write and marked them clean, so a second try would "succeed"
+                # and commit an index that points at data that is not on disk.
+                self.failure = f"a commit failed: {exc}"
                 with self._lock:
                     self.index.pending = _merge(changes, self.index.pending)
                     self.index.end_commit()
@@ -423,6 +466,7 @@ class DedupStore:
                 self.index.end_commit()
                 if any(changes.frees.values()):
                     self._exhausted = [False] * len(self.sizes)
+                    self.generation += 1
             return True
 
     def stats(self) -> Stats:
