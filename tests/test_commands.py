@@ -965,6 +965,34 @@ def test_go_style_flags(prog: str, start: Start, sockdir: Path, tools: Run) -> N
     assert 'Exporting 2.0 MiB volume "test-lun" on the network using driver mem' in daemon.stdout
 
 
+@pytest.mark.parametrize("name", ["dedup", "dedup-file", "dedup-disk"])
+def test_usbdsrvd_serves_the_dedup_driver_by_its_names(
+    name: str, start: Start, sockdir: Path, tools: Run
+) -> None:
+    """The original's -dev-type names for dedupdisk, with its -dedup-memcache flag; then
+    usbd-dedup --stats reads the same volume."""
+    daemon = start(
+        "usbdsrvd",
+        f"-dev-type={name}",
+        f"-store-dir={sockdir}",
+        "-store-name=dd",
+        "-store-size=8MiB",
+        "-dedup-memcache=64MiB",
+        f"-listen={sockdir / 'dd.sock'}",
+    )
+    uri = daemon.wait_serving()
+    tools("qemu-io", "-f", "raw", uri, "-c", "write -P 0x5a 0 1M", "-c", "write -P 0x5a 1M 1M")
+    assert daemon.stop() == 0, daemon.report()
+    assert "using driver dedup, 4.0 KiB dedup blocks, 64 MiB index cache" in daemon.stdout
+    stats = run_command(
+        "usbd-dedup", "--stats", f"-store-dir={sockdir}", "-store-name=dd", cwd=sockdir
+    )
+    assert stats.returncode == 0, report(stats)
+    # 512 blocks of one content: one stored.
+    assert "mapped blocks: 512 " in stats.stdout, stats.stdout
+    assert "unique blocks: 1\n" in stats.stdout, stats.stdout
+
+
 # -- 5. a clean stop -----------------------------------------------------------------------
 
 
