@@ -98,17 +98,24 @@ class BlockFiles:
                 runs.append((cls, index, 1))
         for cls, first, count in runs:
             size = self.sizes[cls]
+            # Only whole file-system blocks: punching part of one frees nothing, the kernel
+            # writes zeros there instead.
+            unit = self._unit(cls)
+            start = -(-first * size // unit) * unit
+            end = (first + count) * size // unit * unit
+            if end <= start:
+                continue
             try:
                 fallocate(
-                    self._fd(cls),
-                    FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                    first * size,
-                    count * size,
+                    self._fd(cls), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, start, end - start
                 )
             except OSError as exc:
                 if exc.errno != errno.EOPNOTSUPP:
                     raise
                 return  # a file system without holes: the slots are still reused
+
+    def _unit(self, cls: int) -> int:
+        return max(os.fstat(self._fd(cls)).st_blksize, 512)
 
     def cut(self, high: Sequence[int]) -> int:
         """Cut each file at its high-water mark (what lies beyond was never committed);

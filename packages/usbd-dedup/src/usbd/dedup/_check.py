@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import plyvel
 
+from usbd.core import DeviceError
+
 from ._blocks import BlockFiles
 from ._format import (
     STATE,
@@ -124,8 +126,7 @@ def check(db: plyvel.DB, files: BlockFiles, params: Params, *, deep: bool) -> Re
             cls, index = slot_class(slot), slot_index(slot)
             actual = counts[cls][index]
             if actual == 0:
-                batch.delete(key)
-                leaked += 1
+                batch.delete(key)  # the slot is freed (and counted) as leaked below
                 continue
             if actual != count:
                 batch.put(key, pack_count(actual, digest))
@@ -183,6 +184,9 @@ def check(db: plyvel.DB, files: BlockFiles, params: Params, *, deep: bool) -> Re
                 batch.delete(key)
                 stale += 1
             elif deep and _hash_of(files, codec, ref, block_size) != key[1:]:
+                # Unshared from now on: a write of the original content must not be
+                # deduplicated onto the corrupt copy.
+                batch.delete(key)
                 report.damage(f"slot {ref.slot:#x}: its content does not match its hash")
         report.repair(stale, "stale hash index entries removed")
 
@@ -215,7 +219,7 @@ def check(db: plyvel.DB, files: BlockFiles, params: Params, *, deep: bool) -> Re
         state = State(old.written, mapped, unique, stored, free, high)
         if state != old:
             batch.put(STATE, state.pack())
-            report.lines.append("counters recomputed")
+            report.repair(1, "set of counters recomputed")
         report.state = state
     files.punch(free_slots)
     cut = files.cut(high)
@@ -234,10 +238,12 @@ def _rehash(
 
 
 def _hash_of(files: BlockFiles, codec: Codec, ref: Ref, block_size: int) -> bytes | None:
+    """The hash of a slot's content; None if it is short or does not decode. A read error
+    of the disk itself is raised: the check stops rather than drop blocks for it."""
     try:
         stored = files.read(ref.slot, ref.length)
         return content_hash(codec.decode(stored, ref.compressed, block_size))
-    except (OSError, ValueError):
+    except DeviceError:
         return None
 
 

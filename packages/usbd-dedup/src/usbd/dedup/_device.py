@@ -111,7 +111,9 @@ class DedupDevice(Device):
     # -- writes ----------------------------------------------------------------------------
 
     def _content(self, data: memoryview) -> memoryview | None:
-        return None if data == self._zero else data
+        # tobytes() and a bytes compare (memcmp): 0.14 us for a zero block here, where
+        # comparing the memoryview itself goes element by element (3.7 us).
+        return None if data.tobytes() == self._zero else data
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
         self._check_open()
@@ -213,6 +215,7 @@ class DedupDevice(Device):
                 return
             try:
                 self.store.commit()
+                self.store.compact()
             except Exception as exc:
                 self._failure = self.store.failure or f"a commit failed: {exc}"
                 log.exception("%s", self._failure)

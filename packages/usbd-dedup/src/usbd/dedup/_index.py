@@ -152,13 +152,14 @@ class Index:
         value = self.db.get(hash_key(digest))
         return None if value is None else Ref.unpack(value)
 
-    def listed_free(self, cls: int, limit: int) -> list[int]:
+    def listed_free(self, cls: int, limit: int, after: int | None = None) -> list[int]:
         """Up to ``limit`` slots of class ``cls`` that are free in LevelDB and that no layer
         has taken or is freeing (a slot freed by a layer is reused only after that layer is
-        durable and the slot punched: :meth:`Index.end_commit` comes after both)."""
+        durable and the slot punched: :meth:`Index.end_commit` comes after both). ``after``:
+        only slots past this one (where the last call stopped)."""
         found: list[int] = []
         layers = self._layers()
-        start = free_key(slot_id(cls, 0))
+        start = free_key(slot_id(cls, 0) if after is None else after + 1)
         stop = free_key(slot_id(cls + 1, 0))
         for key in self.db.iterator(start=start, stop=stop, include_value=False):
             slot = key_number(key)
@@ -197,6 +198,12 @@ class Index:
         self.committing = changes
         self.pending = Changes()
         return changes
+
+    def compact_blocks(self, first: int, last: int) -> None:
+        """Compact the map's LevelDB range of blocks ``first`` to ``last``: after a large trim
+        its deletion markers would be walked by every range scan that starts there, until
+        LevelDB compacts them on its own (reads of a trimmed area were 37x slower)."""
+        self.db.compact_range(start=map_key(first), stop=map_key(last + 1))
 
     def write(self, changes: Changes, state: State, *, sync: bool = True) -> None:
         """The layer and the counters in LevelDB, atomically (no lock needed: LevelDB is

@@ -35,7 +35,7 @@ from usbd.core import DeviceError
 
 from ._blocks import BlockFiles
 from ._format import Codec, Params, Ref, State, content_hash, slot_class, slot_id, slot_index
-from ._index import Changes, Index
+from ._index import Changes, Index, RefCount
 
 __all__ = ["DedupStore", "Stats"]
 
@@ -43,6 +43,8 @@ log = logging.getLogger("usbd.dedup")
 
 #: Free slots fetched from LevelDB at a time into a size class's pool.
 _REFILL = 1024
+#: Map entries deleted by one commit past which their range is compacted.
+_COMPACT_AFTER = 4096
 
 
 class _Again:
@@ -119,8 +121,13 @@ class DedupStore:
         self._epoch = 0
         self._reading: dict[int, int] = {}
         self._pools: list[list[int]] = [[] for _ in self.sizes]
-        #: Size classes with no free slot listed in LevelDB (until a commit frees some).
+        #: Size classes with no free slot listed in LevelDB (until a commit frees some), and
+        #: where the last scan of each class's free list stopped (a long free list is taken
+        #: in one pass, not rescanned from its start past every slot already taken).
         self._exhausted = [False] * len(self.sizes)
+        self._cursors: list[int | None] = [None] * len(self.sizes)
+        #: Blocks whose map entries a commit deleted in bulk: compacted afterwards.
+        self._deleted: tuple[int, int] | None = None
         #: Commits that made freed slots reusable, ever: a conditional put whose block was read
         #: under an older count cannot tell its slot from a reused one (see put()).
         self.generation = 0
@@ -246,6 +253,7 @@ class DedupStore:
             self._write_slots({slots[d]: encoded[d][1] for d in new})
         except BaseException:
             with self._lock:
+                self._changed = True  # the releases must be committed too
                 for slot in slots.values():
                     self._release(slot)
             raise
@@ -297,6 +305,7 @@ class DedupStore:
                 continue
             digest = digests[i]
             ref: Ref | None = None
+            counted: RefCount | None = None  # the slot's record, when just looked up
             if digest is not None:
                 if digest in ours:
                     # New content goes to our slot even if another writer stored the same
@@ -311,7 +320,9 @@ class DedupStore:
                     if answer is None:
                         again.append(i)
                         continue
-                    ref = answer
+                    ref, counted = answer
+            if old is None and ref is None:
+                continue  # zeros over zeros: nothing to change (no delete per block)
             if old is not None and ref is not None and old.slot == ref.slot:
                 continue
             if ref is not None:
@@ -320,7 +331,7 @@ class DedupStore:
                     used.add(ref.slot)
                     self._first_ref(ref, digest, indexed=digest not in collided)
                 else:
-                    self._incref(ref)
+                    self._incref(ref, counted)
                 if old is None:
                     self.state.mapped += 1
             elif old is not None:
@@ -335,9 +346,9 @@ class DedupStore:
         digest: bytes,
         known: Ref | None,
         collided: set[bytes],
-    ) -> Ref | None:
-        """The stored ref for content found stored at the lookup, or None to store it (it
-        was freed since, or it collided)."""
+    ) -> tuple[Ref, RefCount] | None:
+        """The stored ref for content found stored at the lookup, with its slot's record,
+        or None to store it (it was freed since, or it collided)."""
         found = known
         if found is None or self.verify:
             found = None if digest in collided else self.index.content(digest)
@@ -354,7 +365,7 @@ class DedupStore:
                 log.warning("hash collision on %s: stored unshared", digest.hex())
                 collided.add(digest)
                 return None
-        return found
+        return found, count
 
     def _first_ref(self, ref: Ref, digest: bytes, *, indexed: bool) -> None:
         """The first block to use a new slot: its record, and its hash entry."""
@@ -364,9 +375,11 @@ class DedupStore:
         if indexed:
             self.index.set_content(digest, ref)
 
-    def _incref(self, ref: Ref) -> None:
-        """One more block uses a used slot (_stored has just checked that it is)."""
-        count = self.index.count(ref.slot)
+    def _incref(self, ref: Ref, count: RefCount | None = None) -> None:
+        """One more block uses a used slot (checked by the caller; ``count`` is its record
+        if the caller has just looked it up)."""
+        if count is None:
+            count = self.index.count(ref.slot)
         assert count is not None
         self.index.set_count(ref.slot, (count[0] + 1, count[1]))
 
@@ -389,8 +402,10 @@ class DedupStore:
         """A slot of class ``cls`` that nothing durable refers to (under the lock)."""
         pool = self._pools[cls]
         if not pool and not self._exhausted[cls]:
-            pool.extend(reversed(self.index.listed_free(cls, _REFILL)))
+            pool.extend(reversed(self.index.listed_free(cls, _REFILL, self._cursors[cls])))
             self._exhausted[cls] = not pool
+            if pool:
+                self._cursors[cls] = pool[0]
         if pool:
             slot = pool.pop()
             self.index.set_free(slot, False)
@@ -466,8 +481,23 @@ class DedupStore:
                 self.index.end_commit()
                 if any(changes.frees.values()):
                     self._exhausted = [False] * len(self.sizes)
+                    self._cursors = [None] * len(self.sizes)
                     self.generation += 1
+                deleted = [n for n, ref in changes.maps.items() if ref is None]
+                if len(deleted) >= _COMPACT_AFTER:
+                    low, high = min(deleted), max(deleted)
+                    if self._deleted is not None:
+                        low, high = min(low, self._deleted[0]), max(high, self._deleted[1])
+                    self._deleted = (low, high)
             return True
+
+    def compact(self) -> None:
+        """Compact the map where commits deleted many entries (see Index.compact_blocks);
+        called by the device's committer, outside any lock: it may take a while."""
+        with self._lock:
+            deleted, self._deleted = self._deleted, None
+        if deleted is not None:
+            self.index.compact_blocks(*deleted)
 
     def stats(self) -> Stats:
         with self._lock:
