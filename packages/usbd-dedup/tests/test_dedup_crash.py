@@ -6,15 +6,15 @@ flight, a mix of unique blocks (random, text, half random and half text, all zer
 two), duplicates (a few hot contents written all over the device, recently written contents,
 another block's current content, often at the same moment from several connections), all-zero
 WRITEs, WRITE_ZEROES (aligned and not), TRIMs, writes of a part of a dedup block (the driver
-reads, modifies and writes the block), FUA writes, FLUSHes, and reads that must return what
-the block holds at that moment. A "race" request pair writes a block's content to another
-block while overwriting (or trimming) the block that held it: the last reference of a slot
-dropped while a new one is added. The daemon is SIGKILLed at a random moment (every other cycle
-the first moment after a random delay that a FLUSH is in flight, which each test insists
-happened at least once; now and then during a clean stop instead), then, some cycles,
-``usbd-dedup --check`` repairs the crashed volume offline, and some cycles the restart is
-itself killed part way through its open (the quick check after an unclean stop). After the
-restart:
+reads, modifies and writes the block), FUA writes, FLUSHes, and reads that must return what the
+block holds at that moment. A "burst" writes one new content to several blocks at once; a
+"race" request pair writes a block's content to another block while overwriting (or trimming)
+the block that held it: the last reference of a slot dropped while a new one is added. The
+daemon is SIGKILLed at a random moment (every other cycle the first moment after a random delay
+that a FLUSH is in flight, which each test insists happened at least once; now and then during
+a clean stop instead), then, some cycles, ``usbd-dedup --check`` repairs the crashed volume
+offline, and some cycles the restart is itself killed part way through its open (the quick
+check after an unclean stop). After the restart:
 
 * every block holds, exactly, what it held when the last FLUSH that covered it was acknowledged
   (a FLUSH covers the writes on every connection answered before it was sent: multi-conn), or
@@ -539,6 +539,8 @@ class Ledger:
                 ops = self._partial(rng, zero=False)
             elif roll < 0.34:
                 ops = self._read(rng)
+            elif roll < 0.38:
+                ops = self._burst(rng)
             else:
                 ops = self._write(rng)
             self.requests += sum(op.kind != "read" for op in ops)
@@ -647,6 +649,21 @@ class Ledger:
         else:
             off_a = self._write(rng, a, 1)[0]
         return [to_b, off_a] if rng.random() < 0.5 else [off_a, to_b]
+
+    def _burst(self, rng: random.Random) -> list[Op]:
+        """One new content to several blocks, one request each, all in flight together: the
+        first stores it while the others find its hash (or store a copy of their own)."""
+        kind = rng.choice(["random", "text", "mixed"])
+        data = self.registry.fresh(rng, kind)
+        self.registry.recent.append((self.registry.register(data, kind), data))
+        ops = []
+        bs = self.block_size
+        for _ in range(rng.randint(2, 6)):
+            block = self._free_run(rng, 1)
+            if block is None:
+                break
+            ops.append(Op("write", block * bs, bs, data, entries=[self._record(block, data, kind)]))
+        return ops
 
     def _read(self, rng: random.Random) -> list[Op]:
         count = rng.randint(1, 4)
@@ -974,6 +991,8 @@ class Case:
     memcache: str | None = None
     connections: int = 3
     delays: tuple[float, float] = (0.05, 1.5)
+    #: FLUSHes per request, one drawn per cycle.
+    flush_rates: tuple[float, ...] = (0.03, 0.1, 0.2)
 
     def flags(self) -> list[str]:
         flags = []
@@ -1091,7 +1110,7 @@ def crash_loop(nbd: ModuleType, daemon: Daemon, case: Case, rng: random.Random) 
             ledger,
             rng,
             connections=case.connections,
-            flush_rate=rng.choice([0.03, 0.1, 0.2]),
+            flush_rate=rng.choice(case.flush_rates),
             killer=killer,
         )
         assert kill is not None
@@ -1188,7 +1207,16 @@ def crash_loop(nbd: ModuleType, daemon: Daemon, case: Case, rng: random.Random) 
         case(30, slow=True, memcache="16MiB", delays=(0.05, 3.0)),
         case(30, slow=True, block_size=16 * KiB, verify=True),
         case(30, slow=True, block_size=512, compress="identity", verify=True, size=4 * MiB),
-        case(15, slow=True, block_size=64 * KiB, compress="identity", size=16 * MiB),
+        # Long cycles with few FLUSHes: the daemon's own commits (every 5 s) come mid-write.
+        case(
+            15,
+            slow=True,
+            block_size=64 * KiB,
+            compress="identity",
+            size=16 * MiB,
+            delays=(0.5, 8.0),
+            flush_rates=(0.0, 0.01, 0.03),
+        ),
     ],
 )
 def test_kill_9_loses_nothing_flushed_and_leaves_nothing_to_repair(
