@@ -6,7 +6,8 @@ Defaults, and why (a user of dm-vdo or ZFS dedup should find them sane):
 * ``-dedup-blocksize 4KiB``: the file systems' and the kernel's block, so their writes are
   whole blocks; dm-vdo uses 4 KiB too. Larger blocks index less and dedup less.
 * ``-dedup-memcache 512MiB``: the original's default.
-* ``-dedup-compress zstd``: level 1, and blocks that do not fit half a slot are stored raw.
+* ``-dedup-compress zstd``: the fast level -1, and blocks that do not fit half a slot are
+  stored raw.
 * no ``-dedup-verify``: with a 256-bit hash a collision is not a practical event; with it,
   each match is read and compared before it is shared, as ZFS ``dedup=verify`` does.
 """

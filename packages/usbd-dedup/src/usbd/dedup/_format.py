@@ -199,8 +199,14 @@ class State:
         )
 
 
+#: zstd's first fast level. Measured here on 4 KiB blocks: random data 2.2 us a block against
+#: 16 at level 1 (which tries hard before giving up), shared libraries and text 12.6 us
+#: against 17, for 5% less saved (a stored ratio of 1.69 against 1.78 in slots).
+ZSTD_LEVEL = -1
+
+
 class Codec:
-    """zstd (level 1: the cheapest, and blocks are small) or nothing, per thread: a zstandard
+    """zstd or nothing, per thread: a zstandard
     compressor must not be used by two threads at once."""
 
     def __init__(self, compress: bool, block_size: int) -> None:
@@ -211,7 +217,9 @@ class Codec:
     def _compressor(self) -> zstandard.ZstdCompressor:
         found: zstandard.ZstdCompressor | None = getattr(self._local, "c", None)
         if found is None:
-            found = self._local.c = zstandard.ZstdCompressor(level=1, write_content_size=True)
+            found = self._local.c = zstandard.ZstdCompressor(
+                level=ZSTD_LEVEL, write_content_size=True
+            )
         return found
 
     def _decompressor(self) -> zstandard.ZstdDecompressor:

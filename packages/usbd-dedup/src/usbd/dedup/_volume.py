@@ -85,6 +85,10 @@ def _cache_options(memcache: int) -> dict[str, int]:
     return {
         "write_buffer_size": write_buffer,
         "lru_cache_size": max(memcache - 2 * write_buffer, 1 << 20),
+        # LevelDB keeps each open table's index and Bloom filter outside the block cache
+        # (about 60 KiB per 2 MiB table), so the number of open tables bounds that memory:
+        # 128 for 64 MiB, LevelDB's default of 1000 from 500 MiB.
+        "max_open_files": min(1000, max(64, memcache // (512 << 10))),
     }
 
 
