@@ -33,6 +33,8 @@ class BlockFiles:
         self.paths = [directory / file_name(size) for size in sizes]
         self._fds: list[int] = []
         self._dirty = [False] * len(sizes)
+        #: Whether reads without waiting (RWF_NOWAIT) work here; learnt from a refusal.
+        self.nowait = True
         try:
             for path in self.paths:
                 self._fds.append(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
@@ -45,21 +47,50 @@ class BlockFiles:
             raise DeviceError(errno.EBADF, "the device is closed")
         return self._fds[cls]
 
-    def read(self, slot: int, length: int) -> bytes:
+    def read(self, slot: int, length: int, *, nowait: bool = False) -> bytes | None:
+        """A slot's first ``length`` bytes; ``nowait``: None unless all are in the page cache."""
         cls = slot_class(slot)
-        data = os.pread(self._fd(cls), length, slot_index(slot) * self.sizes[cls])
+        offset = slot_index(slot) * self.sizes[cls]
+        if nowait:
+            buffer = bytearray(length)
+            if not self._nowait(cls, [memoryview(buffer)], offset):
+                return None
+            return bytes(buffer)
+        data = os.pread(self._fd(cls), length, offset)
         if len(data) != length:
             # Below the high-water mark a slot is always inside the file: a short read means
             # the file was cut by something else.
             raise DeviceError(errno.EIO, f"{self.paths[cls]}: slot {slot_index(slot)} is short")
         return data
 
-    def read_into(self, cls: int, first: int, buffers: Sequence[memoryview]) -> None:
-        """Consecutive slots of class ``cls`` from ``first`` into ``buffers`` (one each)."""
+    def read_into(
+        self, cls: int, first: int, buffers: Sequence[memoryview], *, nowait: bool = False
+    ) -> bool:
+        """Consecutive slots of class ``cls`` from ``first`` into ``buffers`` (one each);
+        ``nowait``: False unless all were in the page cache."""
+        if nowait:
+            return self._nowait(cls, buffers, first * self.sizes[cls])
         want = sum(len(b) for b in buffers)
         got = os.preadv(self._fd(cls), buffers, first * self.sizes[cls])
         if got != want:
             raise DeviceError(errno.EIO, f"{self.paths[cls]}: slots from {first} are short")
+        return True
+
+    def _nowait(self, cls: int, buffers: Sequence[memoryview], offset: int) -> bool:
+        """preadv with RWF_NOWAIT: all of it from the page cache, or False (a short read
+        stops at the first page not there; a file system without it never tries again)."""
+        if not self.nowait:
+            return False
+        try:
+            got = os.preadv(self._fd(cls), buffers, offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno != errno.EOPNOTSUPP:
+                raise
+            self.nowait = False
+            return False
+        return got == sum(len(b) for b in buffers)
 
     def write(self, cls: int, first: int, buffers: Sequence[bytes | memoryview]) -> None:
         """Consecutive slots of class ``cls`` from ``first``, one buffer each (a compressed

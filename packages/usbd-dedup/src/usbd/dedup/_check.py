@@ -242,6 +242,7 @@ def _hash_of(files: BlockFiles, codec: Codec, ref: Ref, block_size: int) -> byte
     of the disk itself is raised: the check stops rather than drop blocks for it."""
     try:
         stored = files.read(ref.slot, ref.length)
+        assert stored is not None  # (only a read without waiting gives None)
         return content_hash(codec.decode(stored, ref.compressed, block_size))
     except DeviceError:
         return None

@@ -88,6 +88,24 @@ class DedupDevice(Device):
         start = offset - first * size
         return view[start : start + length]
 
+    def try_read(self, offset: int, length: int) -> BytesLike | None:
+        """On the event loop, when every block's ref is in memory (the changes not yet
+        committed, or the cache of map entries) and its slot in the page cache: no thread,
+        no LevelDB (whose lookups may read from disk). Otherwise None: read() in a thread,
+        which fills the cache for the next time."""
+        if self._closed:
+            return None
+        size = self.unit
+        first = offset // size
+        count = (offset + length - 1) // size - first + 1
+        out = bytearray(count * size)
+        view = memoryview(out)
+        with self.store.try_reading(first, count) as refs:
+            if refs is None or not self.store.fill(refs, view, nowait=True):
+                return None
+        start = offset - first * size
+        return view[start : start + length]
+
     def extents(self, offset: int, length: int) -> list[Extent]:
         self._check_open(reading=True)
         size = self.unit

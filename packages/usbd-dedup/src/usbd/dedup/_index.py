@@ -112,6 +112,10 @@ class Index:
     def _layers(self) -> tuple[Changes, ...]:
         return self._layers_now
 
+    def layers(self) -> tuple[Changes, ...]:
+        """The layers newest first (for a caller that looks up many keys itself)."""
+        return self._layers_now
+
     # -- lookups ---------------------------------------------------------------------------
 
     def block(self, number: int) -> Ref | None:

@@ -105,6 +105,7 @@ class DedupStore:
         *,
         compress: bool,
         verify: bool,
+        cached_blocks: int = 0,
     ) -> None:
         self.index = index
         self.files = files
@@ -115,11 +116,18 @@ class DedupStore:
         self.verify = verify
         self.state = state
         self._lock = threading.Lock()
-        self._drained = threading.Condition(self._lock)
         self._commit_lock = threading.Lock()
-        #: Reads in progress by the epoch they began in (see reading()).
+        #: Reads in progress by the epoch they began in (see reading()), under a lock of
+        #: their own that is only ever held for a counter: try_reading takes it on the loop.
+        self._readers = threading.Lock()
+        self._drained = threading.Condition(self._readers)
         self._epoch = 0
         self._reading: dict[int, int] = {}
+        #: Map entries as LevelDB has them, for reads on the event loop (try_reading), oldest
+        #: first: filled by reads and commits, each committed change written through at
+        #: end of commit, so an entry in no layer is LevelDB's value (see _remember).
+        self._cache: dict[int, Ref | None] = {}
+        self._cache_size = cached_blocks
         self._pools: list[list[int]] = [[] for _ in self.sizes]
         #: Size classes with no free slot listed in LevelDB (until a commit frees some), and
         #: where the last scan of each class's free list stopped (a long free list is taken
@@ -141,24 +149,82 @@ class DedupStore:
     def reading(self, first: int, count: int) -> Iterator[list[Ref | None]]:
         """The refs of ``count`` blocks from ``first``; their slots keep their content until
         the ``with`` ends."""
-        with self._lock:
-            refs = self.index.blocks(first, count)
-            epoch = self._epoch
-            self._reading[epoch] = self._reading.get(epoch, 0) + 1
+        epoch = self._enter()
         try:
+            with self._lock:
+                refs = self.index.blocks(first, count)
+                self._remember(first, refs)
             yield refs
         finally:
-            with self._lock:
-                left = self._reading[epoch] - 1
-                if left:
-                    self._reading[epoch] = left
-                else:
-                    del self._reading[epoch]
-                    self._drained.notify_all()
+            self._leave(epoch)
 
-    def fill(self, refs: Sequence[Ref | None], out: memoryview) -> None:
+    @contextmanager
+    def try_reading(self, first: int, count: int) -> Iterator[list[Ref | None] | None]:
+        """As :meth:`reading`, without waiting: None unless the lock is free at once and
+        every block is in a layer or the cache (LevelDB may read from disk)."""
+        epoch = self._enter()
+        try:
+            refs = None
+            if self._lock.acquire(blocking=False):
+                try:
+                    refs = self._cached(first, count)
+                finally:
+                    self._lock.release()
+            yield refs
+        finally:
+            self._leave(epoch)
+
+    def _enter(self) -> int:
+        """Register a read before it looks anything up: a commit that swaps its layers
+        after this waits for it; one that swapped them before is seen by the lookup."""
+        with self._readers:
+            epoch = self._epoch
+            self._reading[epoch] = self._reading.get(epoch, 0) + 1
+            return epoch
+
+    def _leave(self, epoch: int) -> None:
+        with self._readers:
+            left = self._reading[epoch] - 1
+            if left:
+                self._reading[epoch] = left
+            else:
+                del self._reading[epoch]
+                self._drained.notify_all()
+
+    def _cached(self, first: int, count: int) -> list[Ref | None] | None:
+        layers = self.index.layers()
+        cache = self._cache
+        found: list[Ref | None] = []
+        for number in range(first, first + count):
+            for layer in layers:
+                if number in layer.maps:
+                    found.append(layer.maps[number])
+                    break
+            else:
+                if number not in cache:
+                    return None
+                found.append(cache[number])
+        return found
+
+    def _remember(self, first: int, refs: Sequence[Ref | None]) -> None:
+        """Cache what a lookup found (under the lock). A value that came from a layer is
+        as good: when that layer is committed, end of commit writes it through again."""
+        if not self._cache_size:
+            return
+        cache = self._cache
+        for i, ref in enumerate(refs):
+            cache[first + i] = ref
+        self._trim_cache()
+
+    def _trim_cache(self) -> None:
+        cache = self._cache
+        while len(cache) > self._cache_size:
+            del cache[next(iter(cache))]
+
+    def fill(self, refs: Sequence[Ref | None], out: memoryview, *, nowait: bool = False) -> bool:
         """The content of ``refs`` into ``out`` (zeroed by the caller: None stays zeros).
-        Raw full-size slots that follow each other are read with one call."""
+        Raw full-size slots that follow each other are read with one call. ``nowait``:
+        only from the page cache; False if something was not there."""
         size = self.block_size
         i = 0
         while i < len(refs):
@@ -167,7 +233,9 @@ class DedupStore:
                 i += 1
                 continue
             if ref.compressed or slot_class(ref.slot):
-                stored = self.files.read(ref.slot, ref.length)
+                stored = self.files.read(ref.slot, ref.length, nowait=nowait)
+                if stored is None:
+                    return False
                 out[i * size : (i + 1) * size] = self.codec.decode(stored, ref.compressed, size)
                 i += 1
                 continue
@@ -178,13 +246,16 @@ class DedupStore:
                 if other is None or other.compressed or other.slot != slot_id(0, first + j - i):
                     break
                 j += 1
-            self.files.read_into(0, first, [out[k * size : (k + 1) * size] for k in range(i, j)])
+            views = [out[k * size : (k + 1) * size] for k in range(i, j)]
+            if not self.files.read_into(0, first, views, nowait=nowait):
+                return False
             i = j
+        return True
 
     def _content(self, ref: Ref) -> bytes:
-        return self.codec.decode(
-            self.files.read(ref.slot, ref.length), ref.compressed, self.block_size
-        )
+        stored = self.files.read(ref.slot, ref.length)
+        assert stored is not None  # (only a read without waiting gives None)
+        return self.codec.decode(stored, ref.compressed, self.block_size)
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -455,6 +526,8 @@ class DedupStore:
                 self._changed = False
                 changes = self.index.begin_commit()
                 state = self.state.copy()
+            # After the swap: a read registered later looks the new layers up.
+            with self._readers:
                 began = self._epoch
                 self._epoch += 1
                 while any(epoch <= began for epoch in self._reading):
@@ -479,6 +552,9 @@ class DedupStore:
                 log.warning("could not punch freed slots: %s", exc)
             with self._lock:
                 self.index.end_commit()
+                if self._cache_size:
+                    self._cache.update(changes.maps)  # written through: see _remember
+                    self._trim_cache()
                 if any(changes.frees.values()):
                     self._exhausted = [False] * len(self.sizes)
                     self._cursors = [None] * len(self.sizes)
