@@ -72,6 +72,21 @@ def slow(session: nox.Session) -> None:
     )
 
 
+@nox.session(default=False)
+def crash(session: nox.Session) -> None:
+    """The long kill -9 loops (``@pytest.mark.crash``): minutes each, so not in CI's run,
+    which has their short variants. ``nox -s crash -- -k dedup`` for one driver's."""
+    session.install(*ALL)
+    session.run(
+        "pytest",
+        "--import-mode=importlib",
+        "-m",
+        "crash",
+        *session.posargs,
+        *(f"packages/{package}/tests" for package in PACKAGES),
+    )
+
+
 @nox.session
 def kernel(session: nox.Session) -> None:
     """Tests inside a real Linux kernel with nbd.ko, in QEMU VMs (tests/kernel/vm.py).

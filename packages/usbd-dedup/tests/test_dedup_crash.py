@@ -1011,7 +1011,8 @@ def case(cycles: int, *, slow: bool = False, **kwargs: Any) -> Any:
     c = Case(cycles, **kwargs)
     bs = f"{c.block_size // KiB}k" if c.block_size >= KiB else str(c.block_size)
     name = f"{bs}-{c.compress}{'-verify' if c.verify else ''}-{cycles}x"
-    return pytest.param(c, id=name, marks=[pytest.mark.slow] if slow else [])
+    # The long loops have a session of their own (nox -s crash): CI runs the short ones.
+    return pytest.param(c, id=name, marks=[pytest.mark.crash] if slow else [])
 
 
 @pytest.fixture
