@@ -105,7 +105,6 @@ class DedupStore:
         *,
         compress: bool,
         verify: bool,
-        cached_blocks: int = 0,
     ) -> None:
         self.index = index
         self.files = files
@@ -123,11 +122,6 @@ class DedupStore:
         self._drained = threading.Condition(self._readers)
         self._epoch = 0
         self._reading: dict[int, int] = {}
-        #: Map entries as LevelDB has them, for reads on the event loop (try_reading), oldest
-        #: first: filled by reads and commits, each committed change written through at
-        #: end of commit, so an entry in no layer is LevelDB's value (see _remember).
-        self._cache: dict[int, Ref | None] = {}
-        self._cache_size = cached_blocks
         self._pools: list[list[int]] = [[] for _ in self.sizes]
         #: Size classes with no free slot listed in LevelDB (until a commit frees some), and
         #: where the last scan of each class's free list stopped (a long free list is taken
@@ -153,7 +147,6 @@ class DedupStore:
         try:
             with self._lock:
                 refs = self.index.blocks(first, count)
-                self._remember(first, refs)
             yield refs
         finally:
             self._leave(epoch)
@@ -161,13 +154,13 @@ class DedupStore:
     @contextmanager
     def try_reading(self, first: int, count: int) -> Iterator[list[Ref | None] | None]:
         """As :meth:`reading`, without waiting: None unless the lock is free at once and
-        every block is in a layer or the cache (LevelDB may read from disk)."""
+        every block is in a layer or the index's cache (LevelDB may read from disk)."""
         epoch = self._enter()
         try:
             refs = None
             if self._lock.acquire(blocking=False):
                 try:
-                    refs = self._cached(first, count)
+                    refs = self.index.cached_blocks(first, count)
                 finally:
                     self._lock.release()
             yield refs
@@ -190,36 +183,6 @@ class DedupStore:
             else:
                 del self._reading[epoch]
                 self._drained.notify_all()
-
-    def _cached(self, first: int, count: int) -> list[Ref | None] | None:
-        layers = self.index.layers()
-        cache = self._cache
-        found: list[Ref | None] = []
-        for number in range(first, first + count):
-            for layer in layers:
-                if number in layer.maps:
-                    found.append(layer.maps[number])
-                    break
-            else:
-                if number not in cache:
-                    return None
-                found.append(cache[number])
-        return found
-
-    def _remember(self, first: int, refs: Sequence[Ref | None]) -> None:
-        """Cache what a lookup found (under the lock). A value that came from a layer is
-        as good: when that layer is committed, end of commit writes it through again."""
-        if not self._cache_size:
-            return
-        cache = self._cache
-        for i, ref in enumerate(refs):
-            cache[first + i] = ref
-        self._trim_cache()
-
-    def _trim_cache(self) -> None:
-        cache = self._cache
-        while len(cache) > self._cache_size:
-            del cache[next(iter(cache))]
 
     def fill(self, refs: Sequence[Ref | None], out: memoryview, *, nowait: bool = False) -> bool:
         """The content of ``refs`` into ``out`` (zeroed by the caller: None stays zeros).
@@ -542,7 +505,7 @@ class DedupStore:
                 self.failure = f"a commit failed: {exc}"
                 with self._lock:
                     self.index.pending = _merge(changes, self.index.pending)
-                    self.index.end_commit()
+                    self.index.end_commit(written=False)
                     self._changed = True
                 raise
             try:
@@ -551,10 +514,7 @@ class DedupStore:
                 # The slots are free all the same; the check at open punches them again.
                 log.warning("could not punch freed slots: %s", exc)
             with self._lock:
-                self.index.end_commit()
-                if self._cache_size:
-                    self._cache.update(changes.maps)  # written through: see _remember
-                    self._trim_cache()
+                self.index.end_commit(written=True)
                 if any(changes.frees.values()):
                     self._exhausted = [False] * len(self.sizes)
                     self._cursors = [None] * len(self.sizes)

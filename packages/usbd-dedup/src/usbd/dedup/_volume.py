@@ -78,24 +78,25 @@ class Volume:
             os.close(self.lock_fd)
 
 
-#: Bytes a cached map entry takes in Python (a dict slot, an int, a Ref).
+#: Bytes a cached index entry takes in Python (a dict slot, a key, a value).
 _CACHED_ENTRY = 160
 
 
-def cached_blocks(memcache: int) -> int:
-    """Map entries kept for reads on the event loop: an eighth of -dedup-memcache."""
-    return memcache // 8 // _CACHED_ENTRY
+def cache_entries(memcache: int) -> int:
+    """Index entries cached in Python (see _index.Cache): a quarter of -dedup-memcache."""
+    return memcache // 4 // _CACHED_ENTRY
 
 
 def _cache_options(memcache: int) -> dict[str, int]:
     """-dedup-memcache split: an eighth (1 to 64 MiB) for each of LevelDB's two write
     buffers (the one filling, the one being written out), an eighth for the changes between
-    commits (the device's bound), an eighth for the cache of map entries, and the rest for
-    LevelDB's block cache (lookups of the map and the hash index)."""
+    commits (the device's bound), a quarter for the index's own cache of entries, and the
+    rest for LevelDB's block cache."""
     write_buffer = min(max(memcache // 8, 1 << 20), 64 << 20)
+    rest = memcache - 2 * write_buffer - memcache // 8 - memcache // 4
     return {
         "write_buffer_size": write_buffer,
-        "lru_cache_size": max(memcache - 2 * write_buffer - memcache // 4, 1 << 20),
+        "lru_cache_size": max(rest, 1 << 20),
         # LevelDB keeps each open table's index and Bloom filter outside the block cache
         # (about 60 KiB per 2 MiB table), so the number of open tables bounds that memory:
         # 128 for 64 MiB, LevelDB's default of 1000 from 500 MiB.
@@ -175,13 +176,12 @@ def _open_locked(
         db.delete(CLEAN, sync=True)
         state = State.unpack(db.get(STATE))
         store = DedupStore(
-            Index(db),
+            Index(db, cache_entries(memcache)),
             files,
             params,
             state,
             compress=compress,
             verify=verify,
-            cached_blocks=cached_blocks(memcache),
         )
     except BaseException:
         files.close()
