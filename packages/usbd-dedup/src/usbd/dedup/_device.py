@@ -111,7 +111,7 @@ class DedupDevice(Device):
         size = self.unit
         first = offset // size
         count = min((offset + length - 1) // size - first + 1, _EXTENTS_MAX)
-        with self.store.reading(first, count) as refs:
+        with self.store.reading(first, count, cache=False) as refs:
             data = [ref is not None for ref in refs]
         found: list[Extent] = []
         start = offset

@@ -120,7 +120,7 @@ def content_hash(data: bytes | memoryview) -> bytes:
     return blake3.blake3(data).digest()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Ref:
     """Where a block's content is: its slot and how many bytes of it, raw or compressed."""
 

@@ -206,15 +206,16 @@ class Index:
                 found.append(cache[number])
         return found
 
-    def blocks(self, first: int, count: int) -> list[Ref | None]:
+    def blocks(self, first: int, count: int, *, cache: bool = True) -> list[Ref | None]:
         """The refs of ``count`` blocks from ``first``: one LevelDB range scan (or a few
         gets: making an iterator costs about as much as four), then the layers."""
-        if count <= _GETS:
+        if count <= _GETS and cache:
             return [self.block(first + i) for i in range(count)]
         found: list[Ref | None] = [None] * count
         for key, value in self.db.iterator(start=map_key(first), stop=map_key(first + count)):
             found[key_number(key) - first] = Ref.unpack(value)
-        self.cache.put_blocks(zip(range(first, first + count), found, strict=True))
+        if cache:
+            self.cache.put_blocks(zip(range(first, first + count), found, strict=True))
         for layer in reversed(self._layers()):
             maps = layer.maps
             if len(maps) < count:

@@ -140,13 +140,14 @@ class DedupStore:
     # -- reading ---------------------------------------------------------------------------
 
     @contextmanager
-    def reading(self, first: int, count: int) -> Iterator[list[Ref | None]]:
+    def reading(self, first: int, count: int, *, cache: bool = True) -> Iterator[list[Ref | None]]:
         """The refs of ``count`` blocks from ``first``; their slots keep their content until
-        the ``with`` ends."""
+        the ``with`` ends. ``cache``: keep what LevelDB gave in the index's cache (not for a
+        block-status scan of thousands of blocks that nobody is about to read)."""
         epoch = self._enter()
         try:
             with self._lock:
-                refs = self.index.blocks(first, count)
+                refs = self.index.blocks(first, count, cache=cache)
             yield refs
         finally:
             self._leave(epoch)
