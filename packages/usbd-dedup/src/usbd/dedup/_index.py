@@ -20,7 +20,7 @@ is dropped; LevelDB changes at no other time while the index is open.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,17 +167,14 @@ class Index:
         else:
             self._layers_now = (self._pending, self.committing)
 
-    def _layers(self) -> tuple[Changes, ...]:
-        return self._layers_now
-
     def layers(self) -> tuple[Changes, ...]:
-        """The layers newest first (for a caller that looks up many keys itself)."""
+        """The layers newest first."""
         return self._layers_now
 
     # -- lookups ---------------------------------------------------------------------------
 
     def block(self, number: int) -> Ref | None:
-        for layer in self._layers():
+        for layer in self.layers():
             found = layer.maps.get(number, _MISSING)
             if found is not _MISSING:
                 return found  # type: ignore[return-value]
@@ -192,7 +189,7 @@ class Index:
     def cached_blocks(self, first: int, count: int) -> list[Ref | None] | None:
         """The refs of ``count`` blocks from ``first`` if all are in memory (the layers or
         the cache), else None: never a LevelDB call, which may read from disk."""
-        layers = self._layers()
+        layers = self.layers()
         cache = self.cache.maps
         found: list[Ref | None] = []
         for number in range(first, first + count):
@@ -216,7 +213,7 @@ class Index:
             found[key_number(key) - first] = Ref.unpack(value)
         if cache:
             self.cache.put_blocks(zip(range(first, first + count), found, strict=True))
-        for layer in reversed(self._layers()):
+        for layer in reversed(self.layers()):
             maps = layer.maps
             if len(maps) < count:
                 for number, ref in maps.items():
@@ -229,7 +226,7 @@ class Index:
         return found
 
     def count(self, slot: int) -> RefCount | None:
-        for layer in self._layers():
+        for layer in self.layers():
             found = layer.refs.get(slot, _MISSING)
             if found is not _MISSING:
                 return found  # type: ignore[return-value]
@@ -242,7 +239,7 @@ class Index:
         return count
 
     def content(self, digest: bytes) -> Ref | None:
-        for layer in self._layers():
+        for layer in self.layers():
             found = layer.hashes.get(digest, _MISSING)
             if found is not _MISSING:
                 return found  # type: ignore[return-value]
@@ -262,7 +259,7 @@ class Index:
         durable and the slot punched: :meth:`Index.end_commit` comes after both). ``after``:
         only slots past this one (where the last call stopped)."""
         found: list[int] = []
-        layers = self._layers()
+        layers = self.layers()
         start = free_key(slot_id(cls, 0) if after is None else after + 1)
         stop = free_key(slot_id(cls + 1, 0))
         for key in self.db.iterator(start=start, stop=stop, include_value=False):
@@ -273,10 +270,6 @@ class Index:
             if len(found) >= limit:
                 break
         return found
-
-    def scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
-        """Every LevelDB entry under ``prefix`` (for the check, on a volume not in use)."""
-        yield from self.db.iterator(prefix=prefix)
 
     # -- changes ---------------------------------------------------------------------------
 
