@@ -6,6 +6,13 @@ was negotiated (or ``None`` when the client aborted) and :attr:`Handshake.leftov
 that already belong to the transmission phase. A client that breaks the protocol beyond
 repair raises :class:`ProtocolError`; everything it merely got wrong is answered with the
 option error the specification names, and the haggling goes on.
+
+TLS (``tls="on"`` or ``"require"``): once NBD_OPT_STARTTLS is acknowledged,
+:attr:`Handshake.starttls` turns true and the handshake takes no more bytes until the I/O
+layer has run the TLS handshake on the connection and called :meth:`Handshake.tls_started`;
+from then on it is fed the decrypted bytes. With ``"require"`` (the spec's FORCEDTLS) every
+option before that but ABORT is refused with NBD_REP_ERR_TLS_REQD, and NBD_OPT_EXPORT_NAME,
+which cannot be refused, closes the connection: a plaintext client never reaches an export.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ._constants import (
     BASE_ALLOCATION,
@@ -29,7 +37,10 @@ from ._constants import (
 )
 from ._errors import ProtocolError
 
-__all__ = ["BASE_ALLOCATION_ID", "ExportInfo", "Handshake", "Negotiated"]
+__all__ = ["BASE_ALLOCATION_ID", "ExportInfo", "Handshake", "Negotiated", "TLSMode"]
+
+#: off: no TLS (STARTTLS is unsupported); on: the client may upgrade; require: it must.
+TLSMode = Literal["off", "on", "require"]
 
 #: The id we give base:allocation when a client selects it; ids are opaque to clients.
 BASE_ALLOCATION_ID = 1
@@ -124,11 +135,15 @@ class Handshake:
     """Negotiation state for one connection.
 
     ``exports`` are the exports on offer; ``default_export`` names the one a client gets when it
-    asks for the empty name (nbdkit and qemu-nbd behave the same way).
+    asks for the empty name (nbdkit and qemu-nbd behave the same way). ``tls`` is the TLS mode
+    (see the module's docstring); :attr:`tls_active` says whether TLS has been started.
     """
 
     exports: Sequence[ExportInfo]
     default_export: str | None = None
+    tls: TLSMode = "off"
+    starttls: bool = field(default=False, init=False)
+    tls_active: bool = field(default=False, init=False)
     result: Negotiated | None = field(default=None, init=False)
     finished: bool = field(default=False, init=False)
     leftover: bytes = field(default=b"", init=False)
@@ -144,11 +159,10 @@ class Handshake:
 
     def receive_data(self, data: bytes) -> bytes:
         """Consume client bytes; return the bytes to send back (possibly empty)."""
-        if self.finished:
-            raise RuntimeError("handshake already finished")
+        self._check_accepting()
         self._buffer += data
         out = bytearray()
-        while not self.finished:
+        while not self.finished and not self.starttls:
             if self._client_flags is None:
                 if len(self._buffer) < 4:
                     break
@@ -170,8 +184,30 @@ class Handshake:
             payload = bytes(self._buffer[_OPTION_HEADER.size : _OPTION_HEADER.size + length])
             del self._buffer[: _OPTION_HEADER.size + length]
             out += self._option(option, payload)
+        if self.starttls and self._buffer:
+            # Plaintext sent after STARTTLS but before the TLS handshake could have been
+            # injected by a man in the middle (nbdkit's CVE-2021-3716): never act on it.
+            raise ProtocolError(
+                f"client sent {len(self._buffer)} bytes after STARTTLS before the TLS handshake"
+            )
         self._keep_leftover()
         return bytes(out)
+
+    def tls_started(self) -> None:
+        """The TLS handshake succeeded: negotiate on, over TLS, from a clean slate (the spec:
+        no negotiation state from before STARTTLS survives it)."""
+        if not self.starttls:
+            raise RuntimeError("no STARTTLS was acknowledged")
+        self.starttls = False
+        self.tls_active = True
+        self._structured = False
+        self._meta_export = None
+
+    def _check_accepting(self) -> None:
+        if self.finished:
+            raise RuntimeError("handshake already finished")
+        if self.starttls:
+            raise RuntimeError("the connection must switch to TLS first (tls_started)")
 
     def _keep_leftover(self) -> None:
         """Bytes after the final option already belong to the transmission phase."""
@@ -182,12 +218,19 @@ class Handshake:
     # -- options ---------------------------------------------------------------------------
 
     def _option(self, option: int, data: bytes) -> bytes:
+        tls_missing = self.tls == "require" and not self.tls_active
         if option == Option.EXPORT_NAME:
+            if tls_missing:
+                raise ProtocolError("EXPORT_NAME before STARTTLS, and TLS is required")
             return self._export_name(data)
         try:
             if option == Option.ABORT:
                 self.finished = True
                 return _reply(option, Reply.ACK)
+            if option == Option.STARTTLS:
+                return self._starttls(data)
+            if tls_missing:
+                raise _OptionError(Reply.ERR_TLS_REQD, "TLS is required: send STARTTLS first")
             if option == Option.LIST:
                 return self._list(data)
             if option in (Option.INFO, Option.GO):
@@ -199,10 +242,20 @@ class Handshake:
                 return _reply(option, Reply.ACK)
             if option in (Option.LIST_META_CONTEXT, Option.SET_META_CONTEXT):
                 return self._meta_context(option, data)
-            # STARTTLS lands here until TLS is supported, as the spec asks of such a server.
             raise _OptionError(Reply.ERR_UNSUP, f"option {option} is not supported")
         except _OptionError as exc:
             return _reply(option, exc.reply, exc.message.encode())
+
+    def _starttls(self, data: bytes) -> bytes:
+        if self.tls == "off":
+            # What the spec asks of a server without TLS (NOTLS mode).
+            raise _OptionError(Reply.ERR_UNSUP, "TLS is not enabled on this server")
+        if self.tls_active:
+            raise _OptionError(Reply.ERR_INVALID, "TLS is already active")
+        if data:
+            raise _OptionError(Reply.ERR_INVALID, "STARTTLS takes no data")
+        self.starttls = True
+        return _reply(Option.STARTTLS, Reply.ACK)
 
     def _lookup(self, name: str) -> ExportInfo:
         wanted = self.default_export if name == "" and self.default_export is not None else name
