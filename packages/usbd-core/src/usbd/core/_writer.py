@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import mmap
 import queue
 import threading
 from collections.abc import Awaitable, Callable
@@ -48,7 +49,7 @@ import trio
 
 from ._device import BytesLike
 from ._execution import ContractError
-from ._transmission import RequestBuffer, simple_reply
+from ._transmission import RequestBuffer, new_storage, simple_reply
 
 __all__ = ["MAX_BUFFERS", "WriteBehind"]
 
@@ -103,8 +104,8 @@ class WriteBehind:
         self._unfinished: collections.deque[int] = collections.deque()  # submitted, in order
         self._written_upto = -1  # sequence number of the last batch collected
         self._lent = -1  # the last batch pointing into the buffer's current storage, or -1
-        self._retired: collections.deque[tuple[int, bytearray]] = collections.deque()
-        self._spares: list[bytearray] = []
+        self._retired: collections.deque[tuple[int, mmap.mmap]] = collections.deque()
+        self._spares: list[mmap.mmap] = []
         self._buffers = 1
         self._progress = trio.Event()  # set when rounds are collected
         self._wake = trio.Event()  # the sender has replies to send
@@ -225,11 +226,11 @@ class WriteBehind:
             buffer.unpin()
             self._lent = -1
 
-    async def _spare(self, size: int) -> bytearray:
+    async def _spare(self, size: int) -> mmap.mmap:
         while not self._spares:
             if self._buffers < MAX_BUFFERS:
                 self._buffers += 1
-                return bytearray(size)
+                return new_storage(size)
             await self._wait_for_progress()
         return self._spares.pop()
 
