@@ -48,6 +48,7 @@ from ._errors import ProtocolError, nbd_errno
 from ._execution import check_written
 from ._export import Export, drive
 from ._handshake import BASE_ALLOCATION_ID
+from ._peerlog import PeerLog
 from ._transmission import (
     OFFSET_DATA_HEADER,
     SIMPLE_REPLY,
@@ -88,6 +89,8 @@ class Connection:
         initial: bytes = b"",
         max_in_flight: int = 64 * 1024 * 1024,
         name: str = "connection",
+        idle_timeout: float = 0.0,
+        peer_log: PeerLog | None = None,
     ) -> None:
         self.transport = transport
         self.export = export
@@ -98,6 +101,10 @@ class Connection:
             self._buffer.space()[: len(initial)] = initial
             self._buffer.commit(len(initial))
         self._max_in_flight = max_in_flight
+        # A network client's (the kernel's connections have neither): see _receive_unless_idle.
+        self._idle_timeout = idle_timeout
+        self._peer_log = peer_log
+        self._tasks = 0  # requests given a task and not finished
         self._out: list[BytesLike] = []  # replies ready to send
         # Replies to oversized WRITEs wait until their payload has been drained: a client
         # (libnbd) that gets a reply while it is still sending the request drops the
@@ -136,13 +143,22 @@ class Connection:
                     await self._behind.drain()
             await self._send_pending()  # the last tasks' replies
         except* ProtocolError as group:
-            log.warning("%s: closing: %s", self.name, group.exceptions[0])
+            self._peer_event("protocol errors", logging.WARNING, "closing: %s", group.exceptions[0])
         except* TransportClosed as group:
-            log.info("%s: peer went away: %s", self.name, group.exceptions[0])
+            self._peer_event(
+                "connections lost", logging.INFO, "peer went away: %s", group.exceptions[0]
+            )
         except* Exception as group:  # a bug, ours or a device's: it costs this connection only
             log.error("%s: closing on an unexpected error", self.name, exc_info=group)  # noqa: TRY400
         finally:
             await self._close()
+
+    def _peer_event(self, kind: str, level: int, message: str, *args: object) -> None:
+        """What the peer did, rate-limited for a network client (:class:`PeerLog`)."""
+        if self._peer_log is None:
+            log.log(level, "%s: " + message, self.name, *args)
+        else:
+            self._peer_log.event(kind, level, "%s: " + message, self.name, *args)
 
     async def _close(self) -> None:
         # Shut down, not only close: the kernel's NBD_DO_IT returns only on the shutdown.
@@ -291,6 +307,7 @@ class Connection:
         seq = self._next_seq()
         if command in CMD_WRITES:
             self._writes.add(seq)
+        self._tasks += 1
         nursery.start_soon(self._task, seq, cost, command, flags, cookie, offset, length, payload)
         return True
 
@@ -316,15 +333,39 @@ class Connection:
                 return True
         self._extra = 0
         await self._send_pending()
-        received = await transport.recv_into(buffer.space(), self._before_wait)
+        if self._idle_timeout:
+            received = await self._receive_unless_idle()
+        else:
+            received = await transport.recv_into(buffer.space(), self._before_wait)
         if behind is not None:
             behind.resume()
+        if received is None:
+            return False
         if not received:
             if not buffer.idle:
                 log.info("%s: client disconnected in the middle of a request", self.name)
             return False
         buffer.commit(received)
         return True
+
+    async def _receive_unless_idle(self) -> int | None:
+        """Receive as :meth:`_end_of_batch` does; None once the connection has been idle
+        for ``idle_timeout``: nothing received and nothing in flight (no task, no write
+        behind, no reply unsent), so that closing it loses nothing. A client waiting for a
+        slow request is not idle; a partial request that stalls is (it was never answered)."""
+        behind = self._behind
+        while True:
+            with trio.move_on_after(self._idle_timeout):
+                return await self.transport.recv_into(self._buffer.space(), self._before_wait)
+            if self._tasks or self._out or (behind is not None and behind.active):
+                continue
+            self._peer_event(
+                "idle connections closed",
+                logging.INFO,
+                "no request for %s s: closing (--idle-timeout)",
+                self._idle_timeout,
+            )
+            return None
 
     def _writes_done(self) -> None:
         """Writes finished: FLUSHes waiting in :meth:`_barrier` look again."""
@@ -354,6 +395,7 @@ class Connection:
                 await self._barrier(seq)
             chunks = await self._execute(command, flags, cookie, offset, length, payload)
         finally:
+            self._tasks -= 1
             self._in_flight -= cost
             self._room.set()
             if seq in self._writes:
