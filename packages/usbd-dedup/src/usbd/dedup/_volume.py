@@ -121,7 +121,9 @@ def open_volume(
     if not directory.is_dir():
         if not create:
             raise OpenError(f"{directory}: no such volume")
-        directory.mkdir()
+        # 0700: LevelDB creates its files 0644 (the umask aside), and the index holds the
+        # block map and every block's hash; the directory keeps them this user's.
+        directory.mkdir(mode=0o700)
     lock_fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         lock_exclusive(lock_fd, directory, "another usbd-dedup?")

@@ -251,7 +251,7 @@ def _store(settings: CommonSettings, options: ObjStoreOptions) -> tuple[ObjectSt
         given = config.get("path")
         root = Path(given) if given else settings.store_dir / "objects"
         if not given:
-            root.mkdir(exist_ok=True)
+            root.mkdir(mode=0o700, exist_ok=True)  # with aesmode identity objects are plain
         return LocalStore(root), ""
     hint = ""
     if not options.cfg.strip():
