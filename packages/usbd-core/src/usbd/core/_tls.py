@@ -204,7 +204,10 @@ def psk_context(keys: dict[str, bytes]) -> ssl.SSLContext:  # pragma: no cover (
 
 
 def _reason(exc: ssl.SSLError) -> str:
-    return str(exc.reason or exc.strerror or exc).lower().replace("_", " ")
+    """OpenSSL's reason, readable: "certificate verify failed: certificate revoked"."""
+    reason = str(exc.reason or exc.strerror or exc).lower().replace("_", " ")
+    detail = getattr(exc, "verify_message", None)  # ssl.SSLCertVerificationError's
+    return f"{reason}: {detail}" if detail else reason
 
 
 class TLSTransport(SocketTransport):

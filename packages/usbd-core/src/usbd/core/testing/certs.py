@@ -4,8 +4,10 @@
 ``localhost`` and 127.0.0.1 (the ``server`` directory: ``ca-cert.pem``, ``server-cert.pem``,
 ``server-key.pem``), a client certificate signed by the same CA (``client``: ``ca-cert.pem``,
 ``client-cert.pem``, ``client-key.pem``), the CA alone (``anonymous``: a client that trusts
-the server but has no certificate of its own), and a client of a second, unrelated CA
-(``wrong_ca``), which neither trusts the server nor is trusted by it. Keys are P-256 (quick to
+the server but has no certificate of its own), a client of a second, unrelated CA
+(``wrong_ca``), which neither trusts the server nor is trusted by it, and a client whose
+certificate the CA revoked (``revoked``) with the server's files plus that ``ca-crl.pem``
+(``server_crl``). Keys are P-256 (quick to
 make) and files are 0600. It needs the ``cryptography`` package (``usbd-core[testing]``).
 """
 
@@ -33,6 +35,8 @@ class Certificates:
     client: Path
     anonymous: Path
     wrong_ca: Path
+    revoked: Path
+    server_crl: Path
 
 
 @dataclass(frozen=True)
@@ -163,15 +167,40 @@ def _directory(root: Path, name: str, ca: _Issuer, role: str, leaf: _Issuer | No
     return path
 
 
+def _crl(ca: _Issuer, revoked: x509.Certificate) -> bytes:
+    now = datetime.datetime.now(datetime.UTC)
+    entry = (
+        x509.RevokedCertificateBuilder()
+        .serial_number(revoked.serial_number)
+        .revocation_date(now - datetime.timedelta(minutes=5))
+        .build()
+    )
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(now - datetime.timedelta(hours=1))
+        .next_update(now + datetime.timedelta(days=2))
+        .add_revoked_certificate(entry)
+        .sign(ca.key, hashes.SHA256())
+    )
+    return crl.public_bytes(serialization.Encoding.PEM)
+
+
 def make_certificates(root: Path) -> Certificates:
-    """Write the four directories under ``root`` (created if need be)."""
+    """Write the directories under ``root`` (created if need be)."""
     ca = _ca("usbd test CA")
     other = _ca("another CA")
+    server = _leaf(ca, "localhost", server=True)
+    revoked = _leaf(ca, "revoked", server=False)
+    server_crl = _directory(root, "server-crl", ca, "server", server)
+    _write(server_crl / "ca-crl.pem", _crl(ca, revoked.cert))
     return Certificates(
-        server=_directory(root, "server", ca, "server", _leaf(ca, "localhost", server=True)),
+        server=_directory(root, "server", ca, "server", server),
         client=_directory(root, "client", ca, "client", _leaf(ca, "client", server=False)),
         anonymous=_directory(root, "anonymous", ca, "client", None),
         wrong_ca=_directory(
             root, "wrong-ca", other, "client", _leaf(other, "intruder", server=False)
         ),
+        revoked=_directory(root, "revoked", ca, "client", revoked),
+        server_crl=server_crl,
     )
