@@ -30,6 +30,7 @@ import trio
 
 from ._device import BytesLike
 from ._errors import ProtocolError
+from ._handshake import TLSMode
 from ._transport import SocketTransport, TransportClosed
 
 __all__ = [
@@ -103,6 +104,8 @@ def server_context(certificates: Path, *, verify_peer: bool = False) -> ssl.SSLC
         )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # A TLS 1.2 client could otherwise renegotiate again and again, at the server's cost.
+    context.options |= ssl.OP_NO_RENEGOTIATION
     cert, key = certificates / SERVER_CERT, certificates / SERVER_KEY
     for path in (cert, key):
         _readable(flag, path)
@@ -134,7 +137,7 @@ def server_context(certificates: Path, *, verify_peer: bool = False) -> ssl.SSLC
 
 
 def server_tls(
-    mode: Literal["off", "on", "require"],
+    mode: TLSMode,
     certificates: Path | None,
     *,
     verify_peer: bool = False,
