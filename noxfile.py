@@ -75,7 +75,9 @@ def slow(session: nox.Session) -> None:
 @nox.session(default=False)
 def crash(session: nox.Session) -> None:
     """The long kill -9 loops (``@pytest.mark.crash``): minutes each, so not in CI's run,
-    which has their short variants. ``nox -s crash -- -k dedup`` for one driver's."""
+    which has their short variants. Among them tests/crash's, 100 cycles for each persistent
+    driver, whose figures (cycles, kills during FLUSH and startup, blocks verified, losses)
+    end the output. ``nox -s crash -- -k dedup`` for one driver's."""
     session.install(*ALL)
     session.run(
         "pytest",
@@ -84,6 +86,7 @@ def crash(session: nox.Session) -> None:
         "crash",
         *session.posargs,
         *(f"packages/{package}/tests" for package in PACKAGES),
+        "tests/crash",
     )
 
 
