@@ -60,6 +60,15 @@ SYNC_CALLS = {
 }.get(platform.machine(), set())
 
 
+def missing(what: str) -> None:
+    """Skip for lack of ``what`` on a developer's machine; fail in CI, where it must exist
+    (tests/conftest.py's rule; its helper is not importable by name once several packages'
+    conftest modules are collected in one run, as in ``nox -s crash``)."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what} is required in CI but is not available", pytrace=False)
+    pytest.skip(f"{what} is not available")
+
+
 # -- figures ----------------------------------------------------------------------------------
 
 

