@@ -6,7 +6,10 @@ import errno as _errno
 
 from ._constants import Errno
 
-__all__ = ["DeviceError", "ProtocolError", "nbd_errno"]
+__all__ = ["MAX_MESSAGE", "DeviceError", "ProtocolError", "nbd_errno", "wire_message"]
+
+#: The longest string NBD allows on the wire, error messages included (spec: "Conventions").
+MAX_MESSAGE = 4096
 
 
 class DeviceError(OSError):
@@ -55,3 +58,14 @@ def nbd_errno(exc: BaseException) -> Errno:
     if isinstance(code, int):
         return _TO_NBD.get(code, Errno.EIO)
     return Errno.EIO
+
+
+def wire_message(message: str) -> bytes:
+    """An error message as the bytes NBD allows for a string: UTF-8 without NUL, at most
+    :data:`MAX_MESSAGE` bytes. The cut falls on a character boundary (a byte cut can split a
+    character and leave invalid UTF-8), and NULs become spaces; messages quote what clients
+    and devices said, so any text can reach here."""
+    data = message.replace("\0", " ").encode()
+    if len(data) <= MAX_MESSAGE:
+        return data
+    return data[:MAX_MESSAGE].decode("utf-8", "ignore").encode()

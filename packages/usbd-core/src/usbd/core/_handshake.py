@@ -35,7 +35,7 @@ from ._constants import (
     Reply,
     TransmissionFlag,
 )
-from ._errors import ProtocolError
+from ._errors import ProtocolError, wire_message
 
 __all__ = ["BASE_ALLOCATION_ID", "ExportInfo", "Handshake", "Negotiated", "TLSMode"]
 
@@ -244,7 +244,7 @@ class Handshake:
                 return self._meta_context(option, data)
             raise _OptionError(Reply.ERR_UNSUP, f"option {option} is not supported")
         except _OptionError as exc:
-            return _reply(option, exc.reply, exc.message.encode())
+            return _reply(option, exc.reply, wire_message(exc.message))
 
     def _starttls(self, data: bytes) -> bytes:
         if self.tls == "off":

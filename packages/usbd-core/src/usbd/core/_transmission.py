@@ -41,7 +41,7 @@ from ._constants import (
     Errno,
     TransmissionFlag,
 )
-from ._errors import ProtocolError
+from ._errors import ProtocolError, wire_message
 
 __all__ = [
     "REQUEST_HEADER",
@@ -346,7 +346,7 @@ def structured_hole_reply(cookie: int, offset: int, length: int, done: bool = Tr
 
 
 def structured_error_reply(cookie: int, error: int, message: str = "") -> bytes:
-    text = message.encode()[:4096]
+    text = wire_message(message)
     body = struct.pack(">IH", error, len(text)) + text
     return (
         STRUCTURED_HEADER.pack(
