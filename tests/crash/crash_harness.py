@@ -494,12 +494,13 @@ def run_writers(
 
 def kill_during_startup(daemon: Daemon, rng: random.Random, figures: Figures) -> str:
     """Start the daemon and kill it part way through its startup (see the module's doc);
-    up to three tries until one lands. Returns a line for the log."""
+    up to five tries until one lands, each aiming at a moment earlier in the window than the
+    last (a file disk's window is a few milliseconds). Returns a line for the log."""
     said = []
-    for _ in range(3):
+    for attempt in range(5):
         daemon.spawn()
         opened = daemon.watch_open(START_TIMEOUT)
-        cut = rng.uniform(0, daemon.open_window)
+        cut = rng.uniform(0, daemon.open_window) / 2**attempt
         if opened:
             time.sleep(cut)
         daemon.kill()
