@@ -11,7 +11,7 @@ from __future__ import annotations
 import nox
 
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["lint", "tests", "integration", "slow", "kernel"]
+nox.options.sessions = ["lint", "tests", "integration", "slow", "kernel", "fuzz_smoke"]
 nox.options.error_on_missing_interpreters = True
 
 #: Each package with the local packages it needs installed alongside it (in order).
@@ -123,3 +123,31 @@ def bench(session: nox.Session) -> None:
     """fio over NBD: usbd against nbdkit (C memory plugin and a Python plugin), as ratios."""
     session.install(*ALL)
     session.run("python", "bench/run.py", *session.posargs)
+
+
+#: What the fuzzers need: the core, the two drivers the network fuzzer runs, and atheris
+#: (coverage-guided, libFuzzer's engine; its wheel carries libFuzzer, no clang needed).
+FUZZ = [
+    "./packages/usbd-core[testing]",
+    "./packages/usbd-ramdisk",
+    "./packages/usbd-filedisk",
+    "atheris",
+]
+
+
+@nox.session(default=False)
+def fuzz(session: nox.Session) -> None:
+    """The long fuzzing campaign (fuzz/campaign.py): 10^6 inputs to each sans-IO decoder,
+    10^5 to the request loop, 10^5 hostile connections to usbd-ramdisk and 2*10^4 to
+    usbd-filedisk; prints the figures, exits 1 on any finding. Options after ``--`` go to
+    the campaign (``-- --handshake 10000 --connections 1000`` for a shorter one)."""
+    session.install(*FUZZ)
+    session.run("python", "fuzz/campaign.py", *session.posargs)
+
+
+@nox.session
+def fuzz_smoke(session: nox.Session) -> None:
+    """The fuzzers briefly (fuzz/test_fuzz_smoke.py, about 30 s): each target for a few
+    thousand inputs, a few hundred hostile connections per driver, every seed replayed."""
+    session.install(*FUZZ)
+    _pytest(session, "fuzz")
