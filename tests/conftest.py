@@ -259,7 +259,9 @@ class ServerFactory:
         export_name: str = EXPORT_NAME,
         description: str = DESCRIPTION,
         read_only: bool = False,
+        extra: Sequence[str] = (),
     ) -> UsbdServer:
+        """Start one; ``extra`` flags go to the daemon as they are (``--tls require``)."""
         workdir = _short_dir()
         self._dirs.append(workdir)
         server = launch(
@@ -268,7 +270,7 @@ class ServerFactory:
             size=size,
             export_name=export_name,
             description=description,
-            extra=["--read-only"] if read_only else [],
+            extra=[*(["--read-only"] if read_only else []), *extra],
         )
         self._servers.append(server)
         return server

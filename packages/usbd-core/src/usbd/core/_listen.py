@@ -31,13 +31,14 @@ def parse_listen(text: str) -> Listen:
     return Listen(host=host.strip("[]") or None, port=int(port))
 
 
-def uri_for(listener: trio.SocketListener, export_name: str) -> str:
-    """The NBD URI a client would use for this listener."""
+def uri_for(listener: trio.SocketListener, export_name: str, *, tls: bool = False) -> str:
+    """The NBD URI a client would use for this listener (``nbds`` when TLS is required)."""
+    scheme = "nbds" if tls else "nbd"
     sock = listener.socket
     address = sock.getsockname()
     if isinstance(address, str):
-        return f"nbd+unix:///{export_name}?socket={address}"
+        return f"{scheme}+unix:///{export_name}?socket={address}"
     host, port = address[0], address[1]
     if ":" in host:
         host = f"[{host}]"
-    return f"nbd://{host}:{port}/{export_name}"
+    return f"{scheme}://{host}:{port}/{export_name}"

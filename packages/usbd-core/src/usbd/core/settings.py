@@ -26,7 +26,9 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from ._handshake import MAX_NAME_LENGTH
 from ._keys import check_key_spec
+from ._limits import DEFAULT_MAX_CONNECTIONS
 from ._listen import parse_listen
 from ._sizes import format_size, parse_size
 from .kernel import DEFAULT_MAX_DEVICES, parse_device
@@ -120,6 +122,29 @@ def _key_spec(value: str | None) -> str | None:
     return check_key_spec(value)
 
 
+def _octal_mode(value: object) -> object:
+    """Permission bits as people type them: 0600, 600 or 0o660 (a TOML integer is taken
+    as is, so 0o660 there, or a string)."""
+    if isinstance(value, bool):
+        raise ValueError(f"invalid mode {value!r}: expected octal permissions such as 0600")  # noqa: TRY004
+    if isinstance(value, str):
+        text = value.strip().lower().removeprefix("0o")
+        if not text or any(c not in "01234567" for c in text):
+            raise ValueError(f"invalid mode {value!r}: expected octal permissions such as 0600")
+        value = int(text, 8)
+    if isinstance(value, int) and not 0 <= value <= 0o777:
+        raise ValueError(f"invalid mode {value:o}: expected octal permissions 0000 to 0777")
+    return value
+
+
+def _nbd_string(value: str) -> str:
+    """Names and descriptions go to clients in option replies: the spec's 4096 bytes."""
+    size = len(value.encode())
+    if size > MAX_NAME_LENGTH:
+        raise ValueError(f"{size} bytes is too long: expected at most {MAX_NAME_LENGTH} bytes")
+    return value
+
+
 #: Bytes, written as 512, 4KiB, "100 MiB", 1.5GiB or 2TB.
 Size = Annotated[
     int, BeforeValidator(_size), AfterValidator(_non_negative), Flag("SIZE", format_size)
@@ -128,6 +153,10 @@ Size = Annotated[
 Count = Annotated[int, BeforeValidator(_whole(1, "a whole number >= 1")), Flag("N")]
 #: Whole seconds, 0 or more.
 Seconds = Annotated[int, BeforeValidator(_whole(0, "whole seconds (0 or more)")), Flag("SECONDS")]
+#: A limit on how many: a whole number, 0 for none.
+_Limit = Annotated[int, BeforeValidator(_whole(0, "a whole number (0: no limit)")), Flag("N")]
+#: Unix permission bits, written in octal.
+_Mode = Annotated[int, BeforeValidator(_octal_mode), Flag("MODE", lambda mode: f"{mode:04o}")]
 #: /dev/nbdN (or nbdN), as its index.
 NbdDevice = Annotated[int, BeforeValidator(_device), Flag("NBD_DEVICE", lambda n: f"/dev/nbd{n}")]
 #: A directory that exists.
@@ -142,6 +171,7 @@ ListenAddresses = Annotated[
 #: An AES key source: key:<hex>, file:<path>, env:<VAR>, or unset for <store-dir>/key.aes.
 AesKeySpec = Annotated[str | None, AfterValidator(_key_spec), Flag("SOURCE", secret=True)]
 Attach = Literal["auto", "netlink", "ioctl", "none"]
+TLSMode = Literal["off", "on", "require"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 
@@ -190,14 +220,32 @@ class CommonSettings(BaseSettings):
         description="serve NBD clients on HOST:PORT (TCP) or a unix socket PATH; repeat the "
         "flag (or separate with commas) for several; may be combined with a kernel device",
     )
-    export_name: Annotated[str, Flag("NAME", group="serving")] = Field(
+    export_name: Annotated[str, AfterValidator(_nbd_string), Flag("NAME", group="serving")] = Field(
         "", description="the export name clients ask for (default: the empty name)"
     )
-    description: Annotated[str, Flag("TEXT", group="serving")] = Field(
+    description: Annotated[str, AfterValidator(_nbd_string), Flag("TEXT", group="serving")] = Field(
         "", description="export description shown to clients"
     )
     read_only: Annotated[bool, Flag(group="serving")] = Field(
         False, description="refuse writes (the kernel device is read-only too)"
+    )
+    max_connections: Annotated[_Limit, Flag(group="serving")] = Field(
+        DEFAULT_MAX_CONNECTIONS,
+        description="network connections served at once over every listener (0: no limit); "
+        "a client beyond it is refused with an error saying why; the kernel's do not count",
+    )
+    handshake_timeout: Annotated[Count, Flag("SECONDS", group="serving")] = Field(
+        30, description="seconds a network client has to finish the NBD handshake"
+    )
+    idle_timeout: Annotated[Seconds, Flag(group="serving")] = Field(
+        0,
+        description="close a network connection that sends no request for this many seconds, "
+        "once nothing is in flight (0: never)",
+    )
+    socket_mode: Annotated[_Mode, Flag(group="serving")] = Field(
+        0o600,
+        description="permissions of the unix sockets --listen creates, in octal (0600: only "
+        "this user may connect; 0660 lets the socket's group in too)",
     )
     attach: Annotated[Attach, Flag(group="kernel")] = Field(
         "auto",
@@ -219,6 +267,27 @@ class CommonSettings(BaseSettings):
     )
     log_level: Annotated[LogLevel, Flag(group="general")] = Field(
         "info", description="logging threshold"
+    )
+    tls: Annotated[TLSMode, Flag(group="tls")] = Field(
+        "off",
+        description="TLS for network clients (NBD_OPT_STARTTLS): off, on (clients may "
+        "upgrade) or require (a plaintext client never reaches the export); the kernel "
+        "device never uses it",
+    )
+    tls_certificates: Annotated[Path | None, Flag("DIR", group="tls")] = Field(
+        None,
+        description="directory holding server-cert.pem and server-key.pem (and ca-cert.pem "
+        "for --tls-verify-peer), as nbdkit's --tls-certificates",
+    )
+    tls_verify_peer: Annotated[bool, Flag(group="tls")] = Field(
+        False,
+        description="require a client certificate signed by ca-cert.pem (and not in "
+        "ca-crl.pem, if present)",
+    )
+    tls_psk: Annotated[Path | None, Flag("FILE", group="tls")] = Field(
+        None,
+        description="authenticate clients by pre-shared key: a file of username:hexkey "
+        "lines, as nbdkit's --tls-psk (needs Python 3.13 or later)",
     )
 
     @classmethod

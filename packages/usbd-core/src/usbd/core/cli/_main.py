@@ -16,8 +16,10 @@ from typing import Any
 import trio
 from pydantic import BaseModel
 
+from .._limits import Limits
 from .._listen import parse_listen
 from .._sizes import format_size
+from .._tls import server_tls
 from .._version import __version__
 from ..driver import AnyDriver, Driver
 from ..kernel import KernelOptions
@@ -185,6 +187,13 @@ def run(command: Command, argv: Sequence[str] | None = None) -> int:
         if parsed.action is not None:
             return _act(prog, driver, parsed.action, settings, options)
         kernel = kernel_options(settings)
+        # Certificates are read now: a bad one stops the daemon before it serves anyone.
+        tls = server_tls(
+            settings.tls,
+            settings.tls_certificates,
+            verify_peer=settings.tls_verify_peer,
+            psk=settings.tls_psk,
+        )
         _configure_logging(settings.log_level)
         _warn_unused(settings, driver, command)
         device = driver.create(settings, options)
@@ -217,6 +226,13 @@ def run(command: Command, argv: Sequence[str] | None = None) -> int:
                 read_only=settings.read_only,
                 kernel=kernel,
                 prog=prog,
+                limits=Limits(
+                    max_connections=settings.max_connections,
+                    handshake_timeout=settings.handshake_timeout,
+                    idle_timeout=settings.idle_timeout,
+                ),
+                socket_mode=settings.socket_mode,
+                tls=tls,
             )
         )
     except* OSError as group:

@@ -27,6 +27,7 @@ GROUPS = {
     "general": "general",
     "storage": "storage (the original's -store-* flags)",
     "serving": "serving NBD clients",
+    "tls": "TLS for NBD clients",
     "kernel": "kernel device (/dev/nbdX)",
 }
 

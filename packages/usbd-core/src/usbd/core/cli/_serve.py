@@ -17,9 +17,11 @@ import trio
 
 from .._device import Device
 from .._export import Export
+from .._limits import Limits
 from .._listen import Listen, uri_for
 from .._notify import ready, stopping
 from .._server import Server, open_tcp_listeners, open_unix_listener
+from .._tls import ServerTLS
 from ..kernel import Attached, KernelExport, KernelOptions
 
 __all__ = ["DeviceFailed", "serve"]
@@ -47,6 +49,9 @@ async def serve(
     read_only: bool = False,
     kernel: KernelOptions | None = None,
     prog: str = "usbd",
+    limits: Limits | None = None,
+    socket_mode: int = 0o600,
+    tls: ServerTLS | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``device`` on ``listen`` and/or to the kernel until SIGINT, SIGTERM or SIGHUP,
@@ -69,6 +74,9 @@ async def serve(
             prog,
             signals,
             task_status,
+            limits,
+            socket_mode,
+            tls,
         )
 
 
@@ -79,18 +87,22 @@ async def _serve(
     prog: str,
     signals: AsyncIterator[int],
     task_status: trio.TaskStatus[list[str]],
+    limits: Limits | None = None,
+    socket_mode: int = 0o600,
+    tls: ServerTLS | None = None,
 ) -> None:
     try:
         listeners: list[trio.SocketListener] = []
         for where in listen:
             if where.path is not None:
-                listeners.append(await open_unix_listener(where.path))
+                listeners.append(await open_unix_listener(where.path, mode=socket_mode))
             else:
                 listeners.extend(await open_tcp_listeners(where.host, where.port))
-        uris = [uri_for(listener, export.name) for listener in listeners]
+        required = tls is not None and tls.mode == "require"
+        uris = [uri_for(listener, export.name, tls=required) for listener in listeners]
         async with trio.open_nursery() as nursery:
             if listeners:
-                await nursery.start(Server([export]).serve, listeners)
+                await nursery.start(Server([export], limits=limits, tls=tls).serve, listeners)
             for uri in uris:
                 print(f"{prog} is serving {uri}", flush=True)
             if uris:
