@@ -1,6 +1,6 @@
 """Benchmark usbd's drivers against nbdkit with fio over NBD on unix sockets (not a test).
 
-Four suites, each one usbd driver against the servers that do the same job:
+Five suites, each one usbd driver against the servers that do the same job:
 
 - ``ramdisk``: ``usbd-ramdisk`` against ``nbdkit memory`` (C) and nbdkit's Python plugin
   with ``bench/nbdkit_ramdisk.py``, each a RAM disk.
@@ -12,6 +12,8 @@ Four suites, each one usbd driver against the servers that do the same job:
 - ``dedup``: ``usbd-dedup`` against usbd-filedisk and usbd-ramdisk, with workloads of its own
   (duplicate and unique 1 MiB writes, data chosen with fio's seeds), checks of the dedup
   ratio, and a memory probe; in ``bench/dedup.py``, through ``SuiteHooks`` too.
+- ``tls``: ``usbd-ramdisk --tls require`` against ``nbdkit --tls=require memory`` (the same
+  throw-away certificates), with both plain RAM disks beside them.
 
 A suite's servers run side by side; every device is filled by one sequential write pass
 first, so that reads read data, not holes (the files start sparse). Then, round after round,
@@ -48,9 +50,10 @@ not leak in), not editable, into a venv of its own cached by commit hash under
 it runs with ``python -I``, so that neither ``PYTHONPATH`` nor the current directory can put
 the current tree's code in its place.
 
-Usage: ``python bench/run.py [--suite ramdisk|file|objstore|dedup|all] [--runtime 10] [--rounds 3]
-[--baseline REV] [--output bench-results/bench.json]`` (``nox -s bench -- ARGS`` passes ARGS
-through). Uses only the standard library and the installed usbd packages; needs ``fio`` (with
+Usage: ``python bench/run.py [--suite ramdisk|file|objstore|dedup|tls|all] [--runtime 10]
+[--rounds 3] [--baseline REV] [--output bench-results/bench.json]`` (``nox -s bench -- ARGS``
+passes ARGS through). Uses only the standard library and the installed usbd packages (the tls
+suite's certificates: ``usbd-core[testing]``'s cryptography); needs ``fio`` (with
 ``ioengine=nbd``) and ``nbdkit`` (with its python plugin; the file plugin is built in) on
 PATH, and ``git`` and an index that pip can install the usbd packages' dependencies from
 for ``--baseline``.
@@ -177,12 +180,22 @@ SUITES = (
             WORKLOADS[3],
         ),
     ),
+    # The RAM disks over TLS (--tls require, the same certificates, fio's libnbd client
+    # the same way), the plain ones beside them for what TLS costs each. No target is set.
+    Suite(
+        "tls",
+        "usbd-ramdisk-tls",
+        ("nbdkit-memory-tls", "usbd-ramdisk", "nbdkit-memory"),
+        "nbdkit-memory-tls",
+        {},
+    ),
 )
 SERVERS = tuple(dict.fromkeys(n for suite in SUITES for n in (*suite.servers, *suite.extras)))
 WORKLOAD_NAMES = tuple(dict.fromkeys(w.name for suite in SUITES for w in suite.workloads))
 #: The module each usbd server runs as (``python -m``), checked before anything starts.
 USBD_MODULES = {
     "usbd-ramdisk": "usbd.ramdisk",
+    "usbd-ramdisk-tls": "usbd.ramdisk",
     "usbd-filedisk": "usbd.filedisk",
     "usbd-objstore": "usbd.objstore",
     "usbd-dedup": "usbd.dedup",
@@ -272,9 +285,14 @@ class Server:
     process: subprocess.Popen[bytes] | None = None
     memory: dict[str, dict[str, int]] = field(default_factory=dict)
     companions: list[int] = field(default_factory=list)
+    tls: bool = False
 
     @property
     def uri(self) -> str:
+        if self.tls:
+            # fio's nbd engine lets libnbd read no local file from a URI (tls-certificates=),
+            # so it does not check the server's certificate; the traffic is encrypted alike.
+            return f"nbds+unix:///?socket={self.socket_path}&tls-verify-peer=false"
         return f"nbd+unix:///?socket={self.socket_path}"
 
     @property
@@ -400,6 +418,26 @@ def make_servers(workdir: Path, size: int, baseline: Baseline | None = None) -> 
         argv = [nbdkit, "-f", "--exit-with-parent", "-U", str(sock(name)), *plugin]
         return Server(name, argv, sock(name), workdir / f"{name}.log")
 
+    pki = workdir / "pki"
+
+    def certificates() -> None:
+        """Throw-away certificates for the TLS suite, made once before its first server."""
+        if not (pki / "server").exists():
+            from usbd.core.testing.certs import make_certificates  # noqa: PLC0415
+
+            make_certificates(pki)
+
+    tls_flags = ("--tls", "require", "--tls-certificates", str(pki / "server"))
+    usbd_tls = usbd("usbd-ramdisk", *tls_flags, name="usbd-ramdisk-tls")
+    nbdkit_tls = nbdkit_server(
+        "nbdkit-memory-tls",
+        "--tls=require",
+        f"--tls-certificates={pki / 'server'}",
+        "memory",
+        f"size={size}",
+    )
+    for server in (usbd_tls, nbdkit_tls):
+        server.tls, server.prepare = True, certificates
     nbdkit_file = nbdkit_server("nbdkit-file", "file", str(workdir / "nbdkit-file.bin"))
     nbdkit_file.backing = workdir / "nbdkit-file.bin"
     nbdkit_file.prepare = lambda: create_sparse(workdir / "nbdkit-file.bin", size)
@@ -409,6 +447,8 @@ def make_servers(workdir: Path, size: int, baseline: Baseline | None = None) -> 
         nbdkit_server("nbdkit-python", "python", str(HERE / "nbdkit_ramdisk.py"), f"size={size}"),
         filedisk(),
         nbdkit_file,
+        usbd_tls,
+        nbdkit_tls,
     ]
     if baseline is not None:
         # -I: neither PYTHONPATH, the user's site nor the current directory (which python -m
