@@ -31,6 +31,8 @@ from core_helpers import (
     meta_data,
     option,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_core_handshake import DISK, FIXED_NEWSTYLE, NO_ZEROES, OTHER, kinds, parse
 
 from usbd.core import Handshake, ProtocolError
@@ -172,3 +174,51 @@ def test_tls_started_without_starttls_is_a_bug() -> None:
     hs = handshake("on")
     with pytest.raises(RuntimeError):
         hs.tls_started()
+
+
+_OPTIONS = st.sampled_from(
+    [OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_STARTTLS, OPT_INFO, OPT_GO, 8, 9, 10, 11, 4, 77]
+)
+_DATA = st.one_of(
+    st.just(b""),
+    st.binary(max_size=24),
+    st.builds(info_data, st.sampled_from(["disk", "other", ""]), st.integers(0, 3)),
+    st.builds(meta_data, st.sampled_from(["disk", ""]), st.just("base:allocation")),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(["off", "on", "require"]),
+    st.lists(st.tuples(_OPTIONS, _DATA), max_size=8),
+    st.integers(1, 40),
+)
+def test_arbitrary_options_in_every_mode_keep_the_tls_rules(
+    tls: TLSMode, options: list[tuple[int, bytes]], step: int
+) -> None:
+    """Whatever a client sends, in any mode: replies are whole, ERR_TLS_REQD only in require
+    mode before TLS, an export only after TLS in require mode, STARTTLS acked only when TLS
+    is on offer and not yet active; each acked STARTTLS is followed by tls_started."""
+    hs = Handshake([DISK, OTHER], default_export="disk", tls=tls)
+    data = struct.pack(">I", FIXED_NEWSTYLE | NO_ZEROES) + b"".join(
+        option(o, d) for o, d in options
+    )
+    chunks = [data[i : i + step] for i in range(0, len(data), step)]
+    try:
+        for chunk in chunks:
+            was_active = hs.tls_active
+            out = hs.receive_data(chunk)
+            if not hs.finished:
+                for reply in parse(out):
+                    if reply.reply == REP_ERR_TLS_REQD:
+                        assert tls == "require" and not hs.tls_active
+                    if reply.option == OPT_STARTTLS and reply.reply == REP_ACK:
+                        assert tls != "off" and not was_active
+            if hs.starttls:
+                hs.tls_started()
+            if hs.finished:
+                break
+    except ProtocolError:
+        return
+    if hs.result is not None and tls == "require":
+        assert hs.tls_active
