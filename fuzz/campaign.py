@@ -27,7 +27,10 @@ OPTIONS = {
     "handshake": ["-max_len=8192", "-timeout=30"],
     "transmission": ["-max_len=65536", "-timeout=30"],
     "engine": ["-max_len=65536", "-timeout=60"],
+    "engine_file": ["-max_len=65536", "-timeout=60"],
 }
+#: Targets that start from another target's seeds (the same input format).
+SEEDS = {"engine_file": "engine"}
 _EXECUTED = re.compile(r"stat::number_of_executed_units:\s*(\d+)")
 _DONE = re.compile(r"Done (\d+) runs")
 _PROGRESS = re.compile(r"^#(\d+)\s", re.MULTILINE)
@@ -57,7 +60,7 @@ def fuzz_target(name: str, runs: int, workdir: Path, log: Path) -> dict[str, obj
             f"-artifact_prefix={artifacts}/{name}-",
             *OPTIONS[name],
             str(corpus),
-            str(HERE / "corpus" / name),
+            str(HERE / "corpus" / SEEDS.get(name, name)),
         ]
         before = set(artifacts.iterdir())
         with log.open("a") as out:
@@ -87,6 +90,7 @@ def main() -> None:
     parser.add_argument("--handshake", type=int, default=1_000_000, help="inputs")
     parser.add_argument("--transmission", type=int, default=1_000_000, help="inputs")
     parser.add_argument("--engine", type=int, default=100_000, help="inputs")
+    parser.add_argument("--engine-file", type=int, default=50_000, help="inputs")
     parser.add_argument("--connections", type=int, default=100_000, help="network, per driver")
     parser.add_argument("--filedisk-connections", type=int, default=None, help="default: 1/5")
     parser.add_argument("--workdir", type=Path, default=None)
@@ -95,7 +99,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"campaign: working in {workdir}", flush=True)
     results: list[dict[str, object]] = []
-    for name in ("handshake", "transmission", "engine"):
+    for name in ("handshake", "transmission", "engine", "engine_file"):
         runs = getattr(args, name)
         if runs > 0:
             result = fuzz_target(name, runs, workdir, workdir / f"{name}.log")

@@ -11,7 +11,7 @@ answered (to hold every reply to the specification). A reply that breaks it rais
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 NBDMAGIC = 0x4E42444D41474943
@@ -470,6 +470,7 @@ class Request:
     length: int
     payload: bytes | None  # a WRITE's data when the server buffers it; None otherwise
     end: int  # offset in the stream just past the request (its payload included)
+    start: int = 0  # offset of its header in the stream
 
 
 @dataclass
@@ -501,7 +502,7 @@ def parse_requests(data: bytes, max_payload: int) -> Requests:
         if command == WRITE:
             if length > max_payload:
                 end += length
-                out.append(Request(flags, command, cookie, offset, length, None, end))
+                out.append(Request(flags, command, cookie, offset, length, None, end, pos))
                 if end > len(data):
                     return Requests(out, "incomplete", pos, discarding=end - len(data))
                 pos = end
@@ -510,7 +511,7 @@ def parse_requests(data: bytes, max_payload: int) -> Requests:
                 return Requests(out, "incomplete", pos)
             payload = data[end : end + length]
             end += length
-        out.append(Request(flags, command, cookie, offset, length, payload, end))
+        out.append(Request(flags, command, cookie, offset, length, payload, end, pos))
         pos = end
 
 
@@ -601,14 +602,17 @@ class ReplyReader:
         self.pos += n
         return out
 
-    def next(self, read_length: int | None = None) -> Chunk:
+    def next(self, read_length: int | Callable[[int], int | None] | None = None) -> Chunk:
         """The next reply; ``read_length``: what a simple reply's successful READ carries
-        (None when the reply cannot be to a READ)."""
+        (None when the reply cannot be to a READ), or a function of the reply's cookie that
+        says so (replies out of order)."""
         (magic,) = struct.unpack(">I", self._take(4, "a reply magic"))
         if magic == SIMPLE_REPLY_MAGIC:
             error, cookie = struct.unpack(">IQ", self._take(12, "a simple reply"))
             expect(error == 0 or error in ERRNOS, f"simple reply with error {error}")
             data = b""
+            if callable(read_length):
+                read_length = read_length(cookie)
             if error == 0 and read_length is not None:
                 data = self._take(read_length, "the data of a simple READ reply")
             return Chunk(False, 0, -1, cookie, error, data=data)

@@ -17,11 +17,14 @@ drives them with atheris.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
+import os
 import random
 import socket
 import struct
+import tempfile
 import zlib
 from dataclasses import dataclass
 
@@ -31,6 +34,7 @@ from nbdspec import Violation, expect
 
 from usbd.core import (
     Connection,
+    Device,
     Export,
     ExportInfo,
     Handshake,
@@ -53,6 +57,7 @@ from usbd.core._transmission import (
     structured_error_reply,
     structured_hole_reply,
 )
+from usbd.filedisk import FileDisk
 from usbd.ramdisk import RamDisk
 
 TF = TransmissionFlag
@@ -454,17 +459,52 @@ def engine_config(
 
 
 def engine(data: bytes) -> None:
+    """The request loop over a RAM disk: inline, so replies come in request order."""
     if len(data) < 2:
         return
+    _engine_run(RamDisk(ENGINE_SIZE), data, in_order=True)
+
+
+#: Where engine_file keeps its backing file: tmpfs, so that the disk costs no I/O.
+_FILE_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+def engine_file(data: bytes) -> None:
+    """The request loop over usbd-filedisk: a blocking device, so requests run in worker
+    threads and plain WRITEs go to the connection's writer thread (WriteBehind); replies
+    come in any order and are matched by cookie (the harness makes cookies unique)."""
+    if len(data) < 2:
+        return
+    path = os.path.join(_FILE_DIR, f"usbd-fuzz-{os.getpid()}.img")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    try:
+        _engine_run(FileDisk(path, ENGINE_SIZE), data, in_order=False)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _unique_cookies(stream: bytes, max_payload: int) -> bytes:
+    """``stream`` with each request's cookie replaced by its number (from 1)."""
+    out = bytearray(stream)
+    for i, req in enumerate(nbdspec.iter_requests(stream, max_payload)):
+        struct.pack_into(">Q", out, req.start + 8, i + 1)
+    return bytes(out)
+
+
+def _engine_run(device: Device, data: bytes, *, in_order: bool) -> None:
     b0, seed = data[0], data[1]
     stream = data[2:]
     structured = bool(b0 & 1)
     export = Export(
-        RamDisk(ENGINE_SIZE),
+        device,
         "fuzz",
         read_only=bool(b0 & 4),
         max_payload=_ENGINE_MAX_PAYLOADS[b0 >> 3 & 3],
     )
+    if not in_order:
+        stream = _unique_cookies(stream, export.info.max_payload)
     negotiated = Negotiated(
         export.info, structured_replies=structured, base_allocation=structured and bool(b0 & 2)
     )
@@ -483,7 +523,10 @@ def engine(data: bytes) -> None:
     if _errors.records:
         record = _errors.records[0]
         raise Violation(f"the server logged an error: {record.getMessage()} {record.exc_info}")
-    _judge_engine(model, stream, output)
+    if in_order:
+        _judge_engine(model, stream, output)
+    else:
+        _judge_unordered(model, stream, output)
 
 
 async def _exchange(export: Export, session: Session, stream: bytes, rng: random.Random) -> bytes:
@@ -523,6 +566,9 @@ async def _exchange(export: Export, session: Session, stream: bytes, rng: random
         client.close()
         await export.aclose()
     return bytes(received)
+
+
+_CHANGES = (nbdspec.WRITE, nbdspec.TRIM, nbdspec.WRITE_ZEROES)
 
 
 class _Disk:
@@ -600,11 +646,84 @@ def _judge_engine(model: nbdspec.SessionModel, stream: bytes, output: bytes) -> 
         later = [
             r
             for r in requests[i + 1 :]
-            if r.command in (nbdspec.WRITE, nbdspec.TRIM, nbdspec.WRITE_ZEROES)
+            if r.command in _CHANGES
             and nbdspec.acceptable(model, r.command, r.flags, r.offset, r.length)
         ]
         _judge_one(model, req, reader, disk, later)
     expect(reader.at_end(), f"{len(output) - reader.pos} bytes of replies answer no request")
+
+
+def _judge_unordered(model: nbdspec.SessionModel, stream: bytes, output: bytes) -> None:
+    """Replies in any order, matched by (unique) cookie: each request answered once, with
+    an error exactly when the spec says it must be refused, each reply well-formed. Reads
+    are checked only where nothing in the stream writes (they read as zeros there): with
+    requests in flight in threads, a read may see any write sent before or after it."""
+    parsed = nbdspec.parse_requests(stream, model.max_payload)
+    requests: dict[int, nbdspec.Request] = {}
+    for sent in parsed.requests:
+        if sent.command == nbdspec.DISC:
+            break
+        requests[sent.cookie] = sent
+    changes = [r for r in requests.values() if r.command in _CHANGES]
+    untouched = _Disk(model.size)
+
+    def written(offset: int, length: int) -> bool:
+        return any(r.offset < offset + length and offset < r.offset + r.length for r in changes)
+
+    def read_length(cookie: int) -> int | None:
+        req = requests.get(cookie)
+        return req.length if req is not None and req.command == nbdspec.READ else None
+
+    reader = nbdspec.ReplyReader(output)
+    partial: dict[int, list[nbdspec.Chunk]] = {}
+    answered: set[int] = set()
+    while not reader.at_end():
+        chunk = reader.next(read_length if not model.structured else None)
+        req = requests.get(chunk.cookie)
+        expect(req is not None, f"a reply for cookie {chunk.cookie}, which no request had")
+        assert req is not None
+        expect(chunk.cookie not in answered, f"{req} answered twice")
+        if model.structured and req.command in (nbdspec.READ, nbdspec.BLOCK_STATUS):
+            expect(chunk.structured, f"a simple reply to {req}")
+            partial.setdefault(chunk.cookie, []).append(chunk)
+            if not chunk.flags & nbdspec.REPLY_DONE:
+                continue
+            chunks = partial.pop(chunk.cookie)
+            answered.add(chunk.cookie)
+            allowed = nbdspec.acceptable(model, req.command, req.flags, req.offset, req.length)
+            errors = [
+                c for c in chunks if c.kind in (nbdspec.CHUNK_ERROR, nbdspec.CHUNK_ERROR_OFFSET)
+            ]
+            expect(bool(errors) != allowed, f"{req}: errors {errors} (allowed: {allowed})")
+            if errors:
+                continue
+            if req.command == nbdspec.READ:
+                fresh = not written(req.offset, req.length)
+                _judge_read_chunks(req, chunks, untouched if fresh else None, [])
+            else:
+                _judge_extents(model, req, chunks, None)
+            continue
+        answered.add(chunk.cookie)
+        _judge_simple(model, req, chunk)
+        if chunk.error == 0 and req.command == nbdspec.READ and not written(req.offset, req.length):
+            expect(chunk.data == bytes(req.length), f"{req}: never-written data is not zero")
+    expect(not partial, f"structured replies without their final chunk: {sorted(partial)}")
+    missing = [r for c, r in requests.items() if c not in answered]
+    if parsed.stop != "bad-magic":
+        # Only an oversized WRITE whose payload never finished arriving may go unanswered.
+        expect(all(r.end > len(stream) for r in missing), f"no reply to {missing[:3]}")
+
+
+def _judge_simple(model: nbdspec.SessionModel, req: nbdspec.Request, reply: nbdspec.Chunk) -> None:
+    """A reply that is not a structured READ/BLOCK_STATUS: its error against the spec."""
+    allowed = nbdspec.acceptable(model, req.command, req.flags, req.offset, req.length)
+    if model.structured:
+        expect(not reply.structured or reply.kind == nbdspec.CHUNK_ERROR, "structured reply")
+        expect(reply.flags & nbdspec.REPLY_DONE or not reply.structured, "not DONE")
+    fast_zero = req.command == nbdspec.WRITE_ZEROES and req.flags & nbdspec.F_FAST_ZERO
+    if allowed and reply.error == nbdspec.ENOTSUP and fast_zero:
+        return  # a device may decline a fast zero it cannot do
+    expect((reply.error == 0) == allowed, f"{req} answered error {reply.error} ({allowed})")
 
 
 def _judge_one(
@@ -635,13 +754,7 @@ def _judge_one(
     read_length = req.length if req.command == nbdspec.READ else None
     reply = reader.next(read_length)
     expect(reply.cookie == req.cookie, f"reply for cookie {reply.cookie} to {req}")
-    if model.structured:
-        expect(not reply.structured or reply.kind == nbdspec.CHUNK_ERROR, "structured reply")
-        expect(reply.flags & nbdspec.REPLY_DONE or not reply.structured, "not DONE")
-    fast_zero = req.command == nbdspec.WRITE_ZEROES and req.flags & nbdspec.F_FAST_ZERO
-    if allowed and reply.error == nbdspec.ENOTSUP and fast_zero:
-        return  # a device may decline a fast zero it cannot do
-    expect((reply.error == 0) == allowed, f"{req} answered error {reply.error} ({allowed})")
+    _judge_simple(model, req, reply)
     if reply.error:
         return
     if req.command == nbdspec.READ:
@@ -656,8 +769,13 @@ def _judge_one(
 
 
 def _judge_read_chunks(
-    req: nbdspec.Request, chunks: list[nbdspec.Chunk], disk: _Disk, later: list[nbdspec.Request]
+    req: nbdspec.Request,
+    chunks: list[nbdspec.Chunk],
+    disk: _Disk | None,
+    later: list[nbdspec.Request],
 ) -> None:
+    """The chunks of a successful structured READ tile its range; their data is the disk's
+    (not checked when ``disk`` is None)."""
     covered: list[tuple[int, int]] = []
     for chunk in chunks:
         if chunk.kind == nbdspec.CHUNK_NONE:
@@ -668,7 +786,9 @@ def _judge_read_chunks(
             req.offset <= chunk.offset and chunk.offset + length <= req.offset + req.length,
             f"chunk at {chunk.offset}+{length} outside {req}",
         )
-        if chunk.kind == nbdspec.CHUNK_OFFSET_DATA:
+        if disk is None:
+            pass
+        elif chunk.kind == nbdspec.CHUNK_OFFSET_DATA:
             expect(disk.matches_until(chunk.offset, chunk.data, later), f"{req}: data differs")
         else:
             zeros = bytes(length)
@@ -687,7 +807,7 @@ def _judge_extents(
     model: nbdspec.SessionModel,
     req: nbdspec.Request,
     chunks: list[nbdspec.Chunk],
-    disk: _Disk,
+    disk: _Disk | None,
 ) -> None:
     status = [c for c in chunks if c.kind == nbdspec.CHUNK_BLOCK_STATUS]
     expect(len(status) == 1, f"{req}: {len(status)} BLOCK_STATUS chunks for one context")
@@ -701,12 +821,17 @@ def _judge_extents(
     for length, flags in chunk.extents:
         expect(length > 0 and not flags & ~3, f"extent ({length}, {flags})")
         expect(pos + length <= model.size, "extent past the end of the export")
-        if flags & 2:  # ZERO: every byte it covers must read as zero
+        if flags & 2 and disk is not None:  # ZERO: every byte it covers must read as zero
             end = min(pos + length, req.offset + req.length)
             expect(pos >= end or disk.zeros(pos, end - pos), f"{req}: a ZERO extent over data")
         pos += length
 
 
-TARGETS = {"handshake": handshake, "transmission": transmission, "engine": engine}
+TARGETS = {
+    "handshake": handshake,
+    "transmission": transmission,
+    "engine": engine,
+    "engine_file": engine_file,
+}
 
 __all__ = ["CONFIG_SIZE", "TARGETS", "Violation", "engine_config", "transmission_config"]

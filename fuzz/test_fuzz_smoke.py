@@ -28,12 +28,14 @@ import capture  # noqa: E402
 import nbdspec  # noqa: E402
 import targets  # noqa: E402
 
-from usbd.core import Handshake, _handshake  # noqa: E402
-from usbd.core._transmission import RequestBuffer  # noqa: E402
+from usbd.core import Handshake, _engine, _handshake  # noqa: E402
+from usbd.core._transmission import RequestBuffer, simple_reply  # noqa: E402
 from usbd.ramdisk import RamDisk  # noqa: E402
 
 #: Inputs per target: a few seconds each here.
-SMOKE_RUNS = {"handshake": 20_000, "transmission": 10_000, "engine": 1_000}
+SMOKE_RUNS = {"handshake": 20_000, "transmission": 10_000, "engine": 1_000, "engine_file": 500}
+#: Targets that start from another target's seeds (the same input format).
+SEEDS = {"engine_file": "engine"}
 SMOKE_CONNECTIONS = {"ramdisk": 400, "filedisk": 150}
 CEILING = 300
 
@@ -49,13 +51,13 @@ def _seeds(kind: str) -> list[Path]:
     return sorted((HERE / "corpus" / kind).iterdir())
 
 
-@pytest.mark.parametrize("kind", ["handshake", "transmission", "engine"])
-def test_seeds_replay_cleanly(kind: str) -> None:
+@pytest.mark.parametrize("target", list(SMOKE_RUNS))
+def test_seeds_replay_cleanly(target: str) -> None:
     """Every committed seed (real client traffic) goes through its target with no finding."""
-    seeds = _seeds(kind)
+    seeds = _seeds(SEEDS.get(target, target))
     assert len(seeds) >= 10
     for seed in seeds:
-        targets.TARGETS[kind](seed.read_bytes())
+        targets.TARGETS[target](seed.read_bytes())
 
 
 @pytest.mark.parametrize("target", list(SMOKE_RUNS))
@@ -72,7 +74,7 @@ def test_target_smoke(target: str, tmp_path: Path) -> None:
         "-max_len=65536",
         f"-artifact_prefix={tmp_path}/",
         str(tmp_path / "corpus"),
-        str(HERE / "corpus" / target),
+        str(HERE / "corpus" / SEEDS.get(target, target)),
     ]
     (tmp_path / "corpus").mkdir()
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=CEILING, check=False)
@@ -181,6 +183,24 @@ def test_engine_target_catches_wrong_data(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(RamDisk, "read", corrupt)
     with pytest.raises(nbdspec.Violation):
         targets.engine(seed)
+
+
+def test_unordered_engine_target_catches_a_lost_reply(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replies matched by cookie: a reply that never comes is caught (usbd-filedisk)."""
+    real = simple_reply
+    lost: list[int] = []
+
+    def drop_one(cookie: int, error: int = 0) -> bytes:
+        if not lost:
+            lost.append(cookie)
+            return b""
+        return real(cookie, error)
+
+    seed = (HERE / "corpus" / "engine" / "libnbd").read_bytes()
+    targets.engine_file(seed)
+    monkeypatch.setattr(_engine, "simple_reply", drop_one)
+    with pytest.raises(nbdspec.Violation):
+        targets.engine_file(seed)
 
 
 def test_capture_tool_splits_real_traffic() -> None:
