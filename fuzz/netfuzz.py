@@ -576,6 +576,12 @@ def run(
                 figures.desyncs += 1
                 figures.problems += problems
             rss, hwm = daemon.rss()
+            print(
+                f"batch {figures.batches}: {figures.connections} connections, "
+                f"desyncs {figures.desyncs}, RSS {rss:.1f} MiB (peak {hwm:.1f})",
+                file=sys.stderr,
+                flush=True,
+            )
             if figures.batches == 1:
                 figures.first_rss_mib = round(rss, 1)
             figures.last_rss_mib = round(rss, 1)
