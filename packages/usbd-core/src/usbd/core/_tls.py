@@ -18,7 +18,6 @@ no message ever holds key material.
 from __future__ import annotations
 
 import contextlib
-import logging
 import socket
 import ssl
 from collections.abc import Callable, Sequence
@@ -42,8 +41,6 @@ __all__ = [
     "server_context",
     "server_tls",
 ]
-
-log = logging.getLogger("usbd.core.tls")
 
 #: Ciphertext taken from the socket per receive.
 _RAW_CHUNK = 256 * 1024
