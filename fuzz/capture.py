@@ -14,7 +14,8 @@ sans-IO :class:`Handshake` finds the point, and what was negotiated) into:
 Request streams are cut at a request boundary after :data:`MAX_SEED` bytes to keep the
 files small. The kernel speaks only the transmission phase over a socketpair, so its
 traffic cannot be captured this way without a VM; ``kernel-*`` seeds are synthesised instead
-from what drivers/block/nbd.c sends (see :func:`kernel_streams`).
+from what drivers/block/nbd.c sends (see :func:`kernel_streams`), and ``starttls-*`` ones
+because what follows STARTTLS is ciphertext on the wire (see :func:`tls_handshakes`).
 """
 
 from __future__ import annotations
@@ -303,6 +304,33 @@ def kernel_streams() -> dict[str, bytes]:
     return streams
 
 
+def tls_handshakes() -> dict[str, bytes]:
+    """Handshakes through STARTTLS, as libnbd and qemu send them to a TLS server (the bytes
+    after STARTTLS travel inside TLS, so a capture shows only ciphertext there): the fuzz
+    target takes the TLS handshake to succeed and feeds the rest as what came through it."""
+
+    def option(opt: int, data: bytes = b"") -> bytes:
+        return struct.pack(">QII", nbdspec.IHAVEOPT, opt, len(data)) + data
+
+    name = EXPORT.encode()
+    go = option(nbdspec.OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">HH", 1, 3))
+    meta = struct.pack(">I", len(name)) + name + struct.pack(">II", 1, 15) + b"base:allocation"
+    flags = struct.pack(">I", nbdspec.FIXED_NEWSTYLE | nbdspec.NO_ZEROES)
+    return {
+        "starttls-go": flags
+        + option(nbdspec.OPT_STARTTLS)
+        + option(nbdspec.OPT_STRUCTURED_REPLY)
+        + option(nbdspec.OPT_SET_META, meta)
+        + go,
+        "starttls-late": flags
+        + option(nbdspec.OPT_STRUCTURED_REPLY)
+        + option(nbdspec.OPT_LIST)
+        + option(nbdspec.OPT_STARTTLS)
+        + option(nbdspec.OPT_STARTTLS)
+        + option(nbdspec.OPT_EXPORT_NAME, name),
+    }
+
+
 # -- writing the corpora -----------------------------------------------------------------
 
 
@@ -349,6 +377,8 @@ def capture(corpus: Path) -> None:
         daemon.terminate()
         daemon.wait(timeout=30)
         shutil.rmtree(scratch, ignore_errors=True)
+    for name, stream in tls_handshakes().items():
+        write_seed(corpus, "handshake", name, stream)
     for name, stream in kernel_streams().items():
         header = targets.transmission_config(structured=False, size=1)
         write_seed(corpus, "transmission", name, header + trim_requests(stream))

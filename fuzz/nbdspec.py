@@ -30,7 +30,7 @@ OPT_INFO, OPT_GO, OPT_STRUCTURED_REPLY, OPT_LIST_META, OPT_SET_META = 6, 7, 8, 9
 REP_ACK, REP_SERVER, REP_INFO, REP_META_CONTEXT = 1, 2, 3, 4
 REP_ERR = 1 << 31
 REP_ERR_UNSUP, REP_ERR_POLICY, REP_ERR_INVALID = REP_ERR + 1, REP_ERR + 2, REP_ERR + 3
-REP_ERR_UNKNOWN = REP_ERR + 6
+REP_ERR_TLS_REQD, REP_ERR_UNKNOWN = REP_ERR + 5, REP_ERR + 6
 #: The error replies the specification defines (ERR_UNSUP .. ERR_TOO_BIG).
 REP_ERRORS = frozenset(range(REP_ERR + 1, REP_ERR + 10))
 
@@ -161,6 +161,7 @@ class Outcome:
     no_zeroes: bool = False
     answered: int = 0  # options answered
     protocol_error: bool = False  # the client broke the protocol: the server must close
+    tls_ends: list[int] = field(default_factory=list)  # where acknowledged STARTTLSes end
 
 
 @dataclass
@@ -243,8 +244,11 @@ class ServerModel:
     exports: list[OfferedExport]
     default_export: str | None = None
     max_name: int = 4096
+    #: "off" (no TLS), "on" (STARTTLS offered), "require" (nothing but ABORT without it).
+    tls: str = "off"
     _structured: bool = field(default=False, init=False)
     _meta_export: str | None = field(default=None, init=False)
+    _tls_active: bool = field(default=False, init=False)
 
     def lookup(self, raw: bytes) -> OfferedExport | None:
         try:
@@ -267,6 +271,7 @@ class ServerModel:
         """
         self._structured = False
         self._meta_export = None
+        self._tls_active = False
         outcome = Outcome(no_zeroes=bool(client.flags and client.flags & NO_ZEROES))
         replies = _Replies(output)
         for opt in client.options:
@@ -288,6 +293,10 @@ class ServerModel:
 
     def _answer(self, opt: ClientOption, replies: _Replies, outcome: Outcome) -> None:
         option, data = opt.option, opt.data
+        tls_missing = self.tls == "require" and not self._tls_active
+        if option == OPT_EXPORT_NAME and tls_missing:
+            outcome.protocol_error = True  # no way to refuse it but to close
+            return
         if option == OPT_EXPORT_NAME:
             export = self.lookup(data)
             if export is None:
@@ -315,6 +324,15 @@ class ServerModel:
         else:
             expect(payload == b"", f"ACK to option {option} with {len(payload)} bytes of data")
         ok = reply == REP_ACK
+        if option == OPT_STARTTLS:
+            if self._starttls(data, infos, ok, reply):
+                outcome.tls_ends.append(opt.end)
+            return
+        if tls_missing and option != OPT_ABORT:
+            expect(
+                reply == REP_ERR_TLS_REQD and not infos, f"option {option} without TLS: {reply:#x}"
+            )
+            return
         if option == OPT_ABORT:
             expect(not infos, "ABORT answered with data")
             # ACK is optional: a server may just close; either way negotiation is over.
@@ -348,6 +366,22 @@ class ServerModel:
             return
         # Anything else (STARTTLS and PEEK_EXPORT included, on a server without TLS): refused.
         expect(not ok and not infos, f"unknown option {option} answered {reply:#x}")
+
+    def _starttls(self, data: bytes, infos: list[tuple[int, bytes]], ok: bool, reply: int) -> bool:
+        """Judge the answer to STARTTLS; True when it was acknowledged (TLS starts)."""
+        expect(not infos, "STARTTLS answered with data")
+        if self.tls == "off" or self._tls_active:
+            expect(not ok, f"STARTTLS accepted (tls={self.tls}, active={self._tls_active})")
+            return False
+        if data:
+            expect(reply == REP_ERR_INVALID, "STARTTLS with data was not refused")
+            return False
+        expect(ok, f"STARTTLS refused with {reply:#x} on a server with TLS {self.tls}")
+        # No negotiation state survives the upgrade (spec).
+        self._tls_active = True
+        self._structured = False
+        self._meta_export = None
+        return True
 
     def _check_flags(self, flags: int) -> None:
         expect(flags & TF_HAS_FLAGS, f"transmission flags {flags:#x} lack HAS_FLAGS")

@@ -47,7 +47,12 @@ from usbd.core import (
     check,
     session_for,
 )
-from usbd.core._handshake import BASE_ALLOCATION_ID, MAX_NAME_LENGTH, MAX_OPTION_LENGTH
+from usbd.core._handshake import (
+    BASE_ALLOCATION_ID,
+    MAX_NAME_LENGTH,
+    MAX_OPTION_LENGTH,
+    TLSMode,
+)
 from usbd.core._transmission import (
     Request,
     block_status_reply,
@@ -104,9 +109,15 @@ class _Run:
     fed: int
 
 
-def _feed(data: bytes, cuts: list[int]) -> _Run:
-    """Feed ``data`` cut at ``cuts``; stop at the end of the handshake or at an error."""
-    hs = Handshake(EXPORTS, DEFAULT_EXPORT)
+_TLS_MODES: tuple[TLSMode, ...] = ("off", "on", "require")
+
+
+def _feed(data: bytes, cuts: list[int], tls: TLSMode) -> _Run:
+    """Feed ``data`` cut at ``cuts``; stop at the end of the handshake or at an error.
+
+    After an acknowledged STARTTLS the I/O layer would run the TLS handshake: here it is
+    taken to succeed, and the bytes after it to be what came over TLS."""
+    hs = Handshake(EXPORTS, DEFAULT_EXPORT, tls=tls)
     out = bytearray()
     fed = 0
     for cut in [*cuts, len(data)]:
@@ -119,7 +130,13 @@ def _feed(data: bytes, cuts: list[int]) -> _Run:
         fed = cut
         if hs.finished:
             break
+        if hs.starttls:
+            hs.tls_started()
     return _Run(bytes(out), None, hs, fed)
+
+
+def _model(tls: str) -> nbdspec.ServerModel:
+    return nbdspec.ServerModel(MODEL_EXPORTS, DEFAULT_EXPORT, max_name=MAX_NAME_LENGTH, tls=tls)
 
 
 def _check_greeting() -> None:
@@ -129,9 +146,11 @@ def _check_greeting() -> None:
     expect(flags & nbdspec.FIXED_NEWSTYLE, "greeting without FIXED_NEWSTYLE")
 
 
-def _check_state(run: _Run, client: nbdspec.ClientHandshake, data: bytes) -> nbdspec.Outcome:
+def _check_state(
+    run: _Run, client: nbdspec.ClientHandshake, data: bytes, tls: str
+) -> nbdspec.Outcome:
     """The replies of one run are well-formed, and the handshake's state agrees with them."""
-    model = nbdspec.ServerModel(MODEL_EXPORTS, DEFAULT_EXPORT, max_name=MAX_NAME_LENGTH)
+    model = _model(tls)
     hs = run.handshake
     if run.error is not None:
         outcome = model.judge(client, run.output, complete=False)
@@ -165,22 +184,37 @@ def _check_state(run: _Run, client: nbdspec.ClientHandshake, data: bytes) -> nbd
 
 
 def handshake(data: bytes) -> None:
+    """The client's stream fed whole, byte by byte and at random cuts, in one of the TLS
+    modes (chosen by the input's checksum, so that every mode sees every kind of input).
+    Each feed is cut where a STARTTLS ends (the TLS handshake comes between); a feed that
+    is not (``plain``) must refuse what follows an acknowledged STARTTLS unencrypted."""
     _check_greeting()
-    client = nbdspec.parse_client_handshake(data, MAX_OPTION_LENGTH)
-    whole = _feed(data, [])
-    step = 1 if len(data) <= BYTEWISE_MAX else len(data) // BYTEWISE_MAX + 1
-    bytewise = _feed(data, list(range(step, len(data), step)))
     rng = random.Random(zlib.crc32(data))
-    cuts = sorted(rng.randrange(len(data) + 1) for _ in range(rng.randrange(1, 6)))
-    split = _feed(data, cuts)
-    reference = _check_state(bytewise, client, data)
+    tls = _TLS_MODES[zlib.crc32(data) % 3]
+    client = nbdspec.parse_client_handshake(data, MAX_OPTION_LENGTH)
+    ends = [o.end for o in client.options if o.option == nbdspec.OPT_STARTTLS]
+    whole = _feed(data, ends, tls)
+    step = 1 if len(data) <= BYTEWISE_MAX else len(data) // BYTEWISE_MAX + 1
+    bytewise = _feed(data, sorted({*range(step, len(data), step), *ends}), tls)
+    cuts = sorted({*(rng.randrange(len(data) + 1) for _ in range(rng.randrange(1, 6))), *ends})
+    split = _feed(data, cuts, tls)
+    reference = _check_state(bytewise, client, data, tls)
     if bytewise.error is not None and step == 1:
         # Fed byte by byte, every option before the bad one was answered on its own.
-        full = nbdspec.ServerModel(MODEL_EXPORTS, DEFAULT_EXPORT, max_name=MAX_NAME_LENGTH)
-        outcome = full.judge(client, bytewise.output, complete=True)
+        outcome = _model(tls).judge(client, bytewise.output, complete=True)
         expect(outcome.protocol_error, f"ProtocolError ({bytewise.error}) on a valid stream")
-    for run in (whole, split):
-        _check_state(run, client, data)
+    plain = _feed(data, [], tls)
+    first_tls = reference.tls_ends[0] if reference.tls_ends else None
+    if first_tls is not None and first_tls < len(data):
+        # CVE-2021-3716 (nbdkit): bytes behind STARTTLS in the same receive are plaintext a
+        # man in the middle may have injected; acting on them is a finding.
+        expect(plain.error is not None, "plaintext after STARTTLS was acted on")
+        expect(bytewise.output.startswith(plain.output), "output before STARTTLS differs")
+        runs = (whole, split)
+    else:
+        runs = (whole, split, plain)
+    for run in runs:
+        _check_state(run, client, data, tls)
         expect(run.error == bytewise.error, f"errors differ: {run.error!r} / {bytewise.error!r}")
         if run.error is None:
             expect(run.output == bytewise.output, "output depends on how the input was split")
@@ -193,7 +227,6 @@ def handshake(data: bytes) -> None:
             )
         else:
             expect(bytewise.output.startswith(run.output), "output before the error differs")
-    del reference
 
 
 # -- transmission: RequestBuffer, check(), the encoders ----------------------------------------
