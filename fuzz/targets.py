@@ -210,7 +210,7 @@ def handshake(data: bytes) -> None:
         # man in the middle may have injected; acting on them is a finding.
         expect(plain.error is not None, "plaintext after STARTTLS was acted on")
         expect(bytewise.output.startswith(plain.output), "output before STARTTLS differs")
-        runs = (whole, split)
+        runs: tuple[_Run, ...] = (whole, split)
     else:
         runs = (whole, split, plain)
     for run in runs:
