@@ -365,6 +365,24 @@ async def test_transmission_protocol_errors_are_rate_limited_too(
     assert server.peer_log.totals["protocol errors"] == 30
 
 
+async def test_clients_vanishing_mid_request_are_rate_limited_too(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="usbd.core")
+    device = MemDevice()
+    with trio.fail_after(30):
+        async with limited([Export(device)], [None]) as (server, [connect]):
+            for _ in range(30):
+                client = await served(connect)
+                await client.send(request(WRITE, 1, 0, 4096)[:20])  # half a header, then gone
+                await client.aclose()
+            while server.active:
+                await trio.sleep(0.01)
+    lines = [m for m in _lines(caplog, logging.INFO) if "middle of a request" in m]
+    assert 1 <= len(lines) <= server.peer_log.burst
+    assert server.peer_log.totals["connections lost"] == 30
+
+
 # -- deadlines -------------------------------------------------------------------------------
 
 

@@ -343,7 +343,11 @@ class Connection:
             return False
         if not received:
             if not buffer.idle:
-                log.info("%s: client disconnected in the middle of a request", self.name)
+                self._peer_event(
+                    "connections lost",
+                    logging.INFO,
+                    "client disconnected in the middle of a request",
+                )
             return False
         buffer.commit(received)
         return True
