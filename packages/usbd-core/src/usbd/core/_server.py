@@ -9,7 +9,11 @@ started with ``nursery.start`` and reports the listeners it serves, so a caller 
 binding port 0 learns the address. Connections run in serve_listeners' own nursery, so
 cancelling :meth:`Server.serve` ends them too. A connection's troubles (bad handshake,
 reset, protocol errors) close that connection only: :meth:`Server.handle` never raises for
-what the client does.
+what the client does, and what clients do wrong is logged through :class:`PeerLog`, rate-limited.
+
+:class:`Limits` says how much clients get. Connections are counted from accept to close over
+every listener (the kernel's never pass through here); one over ``max_connections`` gets a
+:class:`Refusal` (every option answered ERR_POLICY with the reason) instead of the handshake.
 """
 
 from __future__ import annotations
