@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -20,18 +19,28 @@ _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
     sys.path.append(_HERE)
 
-from crash_harness import FIGURES  # noqa: E402
+from crash_harness import FIGURES, keep_if_failed  # noqa: E402
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item) -> Iterator[None]:
+    """Each phase's report on the item (``item.crash_failed``), for the fixtures below."""
+    report = yield
+    if report.failed:
+        item.crash_failed = True  # type: ignore[attr-defined]
+    return report
 
 
 @pytest.fixture
-def workdir() -> Iterator[Path]:
+def workdir(request: pytest.FixtureRequest) -> Iterator[Path]:
     """A short directory under /tmp (a unix socket path has 108 bytes at most; /tmp, not
-    /dev/shm: a real file system, whose fdatasync does something)."""
+    /dev/shm: a real file system, whose fdatasync does something), kept if the test
+    fails."""
     path = Path(tempfile.mkdtemp(prefix="usbd-cr-", dir="/tmp"))
     try:
         yield path
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        keep_if_failed(request, path, "the daemon's directory")
 
 
 @pytest.fixture

@@ -43,6 +43,8 @@ class Adapter:
     multi_conn: bool = True
     #: Strings to leave out of failure reports (the S3 secret).
     secrets: tuple[str, ...] = field(default=())
+    #: After a failed start: a description of the volume's state, for the report.
+    diagnose: Callable[[], str] | None = None
 
 
 def _common(workdir: Path, socket: Path) -> list[str]:
@@ -81,9 +83,29 @@ OBJSTORE_FLAGS = [
 ]  # fmt: skip
 
 
-def objstore(cfg: dict[str, Any]) -> Adapter:
+def objstore(cfg: dict[str, Any], client: Any = None) -> Adapter:
     """usbd-objstore on the S3 bucket ``cfg`` names (a real SeaweedFS), with its persistent
-    local cache."""
+    local cache; ``client`` (boto3's, for that server) lets a failure report show the
+    bucket's manifest and lease as stored."""
+
+    def diagnose() -> str:
+        if client is None:
+            return ""
+        lines = [f"the bucket {cfg['bucket']} as stored:"]
+        for key in (f"{VOLUME}/manifest", f"{VOLUME}/lease"):
+            try:
+                answer = client.get_object(Bucket=cfg["bucket"], Key=key)
+                body = answer["Body"].read()
+            except Exception as exc:
+                lines.append(f"  {key}: GET failed: {exc}")
+                continue
+            lines.append(
+                f"  {key}: {len(body)} bytes (Content-Length {answer.get('ContentLength')}), "
+                f"ETag {answer.get('ETag')}, modified {answer.get('LastModified')}, "
+                f"starts {body[:48]!r}"
+            )
+        return "\n".join(lines)
+
     return Adapter(
         "objstore",
         "the persistent local cache in <store>/vol.cache (FLUSH makes it durable there; "
@@ -95,6 +117,7 @@ def objstore(cfg: dict[str, Any]) -> Adapter:
             *OBJSTORE_FLAGS,
         ],
         secrets=(str(cfg.get("secret_key", "")),),
+        diagnose=diagnose,
     )
 
 

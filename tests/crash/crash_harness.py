@@ -13,12 +13,12 @@ Each cycle ends in one SIGKILL of the serving daemon, at one of two kinds of mom
 
 Every third cycle the restart itself is killed first, part way through its startup: at a
 random moment between the daemon opening its store (a descriptor of it under the store
-directory, seen in ``/proc/<pid>/fd``) and serving, the window a normal start took. It counts
-only if, once the killed process's output is read to its end, it never said it was serving;
-and as a kill during the open (recovery) if it had not yet said "started.", which the daemon
-prints once its device is open. Then a normal start, a read of the whole device and the
-judge. At the end of a loop: writes without FLUSH, a clean stop, and after a restart every
-write must be there exactly.
+directory, seen in ``/proc/<pid>/fd``) and serving, within the window a normal start took
+(up to five tries, each aiming earlier). It counts only if, once the killed process's output
+is read to its end, it never said it was serving; and as a kill during the open (recovery) if
+it had not yet said "started.", which the daemon prints once its device is open. Then a
+normal start, a read of the whole device and the judge. At the end of a loop: writes without
+FLUSH, a clean stop, and after a restart every write must be there exactly.
 
 Seeds are random and printed; ``USBD_CRASH_SEED=<n>`` replays one (timing aside).
 """
@@ -30,8 +30,10 @@ import os
 import platform
 import queue
 import random
+import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -67,6 +69,15 @@ def missing(what: str) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{what} is required in CI but is not available", pytrace=False)
     pytest.skip(f"{what} is not available")
+
+
+def keep_if_failed(request: pytest.FixtureRequest, path: Path, what: str) -> None:
+    """Delete ``path``, unless the test failed: then keep it (the volume's state for a
+    post-mortem) and say where."""
+    if getattr(request.node, "crash_failed", False):
+        print(f"kept {what} for a post-mortem: {path}", file=sys.stderr)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # -- figures ----------------------------------------------------------------------------------
@@ -245,13 +256,31 @@ class Daemon:
         opened = self.watch_open(START_TIMEOUT)
         if not self.wait_serving(START_TIMEOUT):
             self.kill()
-            pytest.fail(
-                f"{self.adapter.name} did not start (run {self.runs})\n{self.report()}",
-                pytrace=False,
-            )
+            failed = f"{self.adapter.name} did not start (run {self.runs})\n{self.report()}"
+            failed += f"\n{self._diagnose()}\n{self._again()}"
+            pytest.fail(failed, pytrace=False)
         if opened and self.opened_at is not None:
             self.open_window = max(0.001, time.monotonic() - self.opened_at)
         assert "Traceback" not in self.this_run_log(), self.report()
+
+    def _diagnose(self) -> str:
+        """What the adapter can say about the volume's state (objstore: the bucket's head)."""
+        if self.adapter.diagnose is None:
+            return ""
+        try:
+            return self.adapter.diagnose()
+        except Exception as exc:
+            return f"(the adapter's look at the volume failed: {exc!r})"
+
+    def _again(self) -> str:
+        """After a failed start: whether one more start, with nothing changed, serves (a
+        transient failure) or fails the same way (the volume cannot be opened)."""
+        self.spawn()
+        served = self.wait_serving(START_TIMEOUT)
+        self.kill()
+        said = "".join(self.lines[-5:]) + self.this_run_log()[-2000:]
+        verdict = "served" if served else "did not serve either"
+        return f"one more start (run {self.runs}), nothing changed: {verdict}\n{said}"
 
     def kill(self) -> None:
         """SIGKILL, reap, and read its output to the end."""

