@@ -22,6 +22,7 @@ import base64
 import importlib
 import json
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -80,6 +81,7 @@ def start(
     *,
     env: dict[str, str] | None = None,
     expect_serving: bool = True,
+    files: int | None = None,
 ) -> Run:
     """``python -m module args --listen <workdir>/s.sock`` under umask 022; wait for the
     socket (or, with ``expect_serving`` false, for the process to end)."""
@@ -87,9 +89,15 @@ def start(
     out, err = workdir / "stdout", workdir / "stderr"
     environment = {k: v for k, v in os.environ.items() if not k.startswith("USBD_")}
     environment.update(env or {})
+    argv = [sys.executable, "-m", module, *args, "--listen", str(sock)]
+    if files is not None:  # util-linux's prlimit: this soft limit, the hard one unchanged
+        prlimit = shutil.which("prlimit")
+        if prlimit is None:
+            _missing("the 'prlimit' program (util-linux)")
+        argv = [str(prlimit), f"--nofile={files}:", *argv]
     with out.open("wb") as stdout, err.open("wb") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-m", module, *args, "--listen", str(sock)],
+            argv,
             stdin=subprocess.DEVNULL,
             stdout=stdout,
             stderr=stderr,
@@ -266,6 +274,22 @@ def test_bad_limits_are_one_line_exit_2(flag: str, value: str, says: str, workdi
     assert len(lines) == 1, lines
     assert flag[1:] in lines[0]
     assert says in lines[0]
+
+
+def test_the_daemon_raises_its_file_limit_for_max_connections(workdir: Path) -> None:
+    """Started with the usual soft limit of 1024, a daemon told --max-connections 2000 makes
+    room for them (up to the hard limit), instead of failing accepts with EMFILE."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2000 + 64 + 256
+    expected = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    args = ["--store-size", "1MiB", "--max-connections", "2000"]
+    run = start("usbd.ramdisk", args, workdir, files=1024)
+    try:
+        limits = Path(f"/proc/{run.process.pid}/limits").read_text()
+        soft = int(next(li for li in limits.splitlines() if "open files" in li).split()[3])
+        assert soft == expected
+    finally:
+        stop(run)
 
 
 # -- secrets -----------------------------------------------------------------------------------

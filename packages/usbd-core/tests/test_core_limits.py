@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import stat
 import struct
 import time
@@ -35,7 +36,7 @@ from core_helpers import (
 
 from usbd.core import Export, RequestBuffer, Server, open_tcp_listeners, open_unix_listener
 from usbd.core._constants import IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC, Option, Reply
-from usbd.core._limits import Limits
+from usbd.core._limits import FILES_BESIDE, Limits, file_limit, raise_file_limit
 from usbd.core._peerlog import PeerLog
 from usbd.core._refusal import MAX_OPTIONS, Refusal
 
@@ -490,3 +491,41 @@ async def test_unix_socket_mode_can_be_asked_for(sockdir: Path) -> None:
         assert stat.S_IMODE(path.stat().st_mode) == 0o660
     finally:
         await listener.aclose()
+
+
+# -- file descriptors ------------------------------------------------------------------------
+
+INF = resource.RLIM_INFINITY
+
+
+@pytest.mark.parametrize(
+    ("limits", "soft", "hard", "new", "warns"),
+    [
+        (Limits(), 1024, 4096, None, False),  # 256 + 64 + 256 fit in 1024
+        (Limits(max_connections=2000), 1024, 4096, 2000 + 64 + FILES_BESIDE, False),
+        (Limits(max_connections=2000), 1024, 2048, 2048, True),  # as far as the hard limit
+        (Limits(max_connections=2000), 1024, INF, 2000 + 64 + FILES_BESIDE, False),
+        (Limits(max_connections=2000), INF, INF, None, False),
+        (Limits(max_connections=0), 1024, 524288, 524288, False),  # no limit: all there is
+        (Limits(max_connections=50), 8192, 8192, None, False),  # never lowered
+    ],
+)
+def test_file_limit(limits: Limits, soft: int, hard: int, new: int | None, warns: bool) -> None:
+    got, warning = file_limit(limits, soft, hard)
+    assert got == new
+    assert (warning is not None) == warns
+    if warning:
+        assert f"--max-connections {limits.max_connections}" in warning
+        assert str(hard) in warning
+
+
+def test_raise_file_limit_raises_this_process_soft_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 4096 if hard == INF else min(hard, 4096)  # whatever this machine allows
+    connections = wanted - 64 - FILES_BESIDE
+    resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))
+    try:
+        raise_file_limit(Limits(max_connections=connections))
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (wanted, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -17,7 +17,7 @@ import trio
 
 from .._device import Device
 from .._export import Export
-from .._limits import Limits
+from .._limits import Limits, raise_file_limit
 from .._listen import Listen, uri_for
 from .._notify import ready, stopping
 from .._server import Server, open_tcp_listeners, open_unix_listener
@@ -66,6 +66,8 @@ async def serve(
     # kernel attaches stops the daemon cleanly once it is up (not a KeyboardInterrupt).
     # SIGHUP too: a daemon started from a terminal that is then closed must stop as on
     # SIGTERM (flush, close, upload), not die as the default action would have it.
+    if listen:  # room for --max-connections: not the kernel's few sockets
+        raise_file_limit(limits or Limits())
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         await _serve(
             Export(device, export_name, description, read_only=read_only),
