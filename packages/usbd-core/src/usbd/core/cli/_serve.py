@@ -62,12 +62,12 @@ async def serve(
     Under systemd (``NOTIFY_SOCKET``) it reports READY=1 once every listener accepts and the
     kernel device is attached, and STOPPING=1 when a stop begins.
     """
+    if listen:  # room for --max-connections: not the kernel's few sockets
+        raise_file_limit(limits or Limits())
     # Signals are taken from the start, so that one arriving while listeners open or the
     # kernel attaches stops the daemon cleanly once it is up (not a KeyboardInterrupt).
     # SIGHUP too: a daemon started from a terminal that is then closed must stop as on
     # SIGTERM (flush, close, upload), not die as the default action would have it.
-    if listen:  # room for --max-connections: not the kernel's few sockets
-        raise_file_limit(limits or Limits())
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         await _serve(
             Export(device, export_name, description, read_only=read_only),
