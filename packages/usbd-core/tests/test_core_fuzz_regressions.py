@@ -1,14 +1,30 @@
 """Regressions from the fuzzers in fuzz/ (each the smallest form of a finding).
 
 Every string NBD puts on the wire, error messages included, must be UTF-8 without NUL and
-at most 4096 bytes long (the specification's "Conventions").
+at most 4096 bytes long (the specification's "Conventions"). A client that sends READs and
+never reads the replies must not make the server hold more than its in-flight budget.
 """
 
 from __future__ import annotations
 
 import struct
 
-from core_helpers import IHAVEOPT, OPT_INFO, REP_ERR_UNKNOWN, info_data, option
+import pytest
+import trio
+import trio.testing
+from core_helpers import (
+    IHAVEOPT,
+    OPT_INFO,
+    READ,
+    REP_ERR_UNKNOWN,
+    MemDevice,
+    ThreadedMemDevice,
+    connected,
+    info_data,
+    option,
+    request,
+    wait_until,
+)
 
 from usbd.core import ExportInfo, Handshake, TransmissionFlag
 from usbd.core._transmission import structured_error_reply
@@ -47,3 +63,27 @@ def test_option_error_message_bounded_for_a_long_export_name() -> None:
     assert magic != IHAVEOPT and reply == REP_ERR_UNKNOWN
     assert length == len(out) - 20 <= 4096
     out[20:].decode("utf-8")
+
+
+@pytest.mark.parametrize("device_type", [MemDevice, ThreadedMemDevice])
+async def test_replies_for_a_peer_that_does_not_read_stay_within_the_budget(
+    device_type: type[MemDevice],
+) -> None:
+    # fuzz/netfuzz.py against usbd-filedisk: 64 READs of 1 MiB a connection, replies never
+    # read, and the daemon grew to 7 GiB; one such client made it hold 400 MiB. Both paths
+    # (the inline batch, tasks for a blocking device) read every request and queued every
+    # reply behind the blocked send; now queued replies count against max_in_flight.
+    mib = 1 << 20
+    device = device_type(8 * mib)
+    connection, client = connected(device, max_in_flight=2 * mib)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection.serve)
+        with trio.fail_after(30):
+            await client.send(b"".join(request(READ, i, i % 7 * mib, mib) for i in range(100)))
+            # Stuck: a send the client does not take, no task running.
+            await wait_until(lambda: connection._sending and not connection._tasks)
+            await trio.testing.wait_all_tasks_blocked()
+            reads = device.calls.count("read")
+            # The budget, and what the socket's buffers took before the send blocked.
+            assert 2 <= reads < 20, reads
+        await client.stream.aclose()  # the send fails: the connection ends

@@ -112,6 +112,9 @@ class Connection:
         self._held: list[bytes] = []
         self._extra = 0  # non-blocking receives taken into the current batch
         self._sending = False
+        # Bytes of replies queued behind a send in progress: they count against
+        # max_in_flight as the work in flight does (see _dispatch).
+        self._queued = 0
         self._in_flight = 0
         self._room = trio.Event()
         self._seq = 0  # every request given a task, and every batch of deferred writes
@@ -190,6 +193,7 @@ class Connection:
         if not simple and export.sparse_reads:  # long reads are worth splitting into holes
             fast_read = min(fast_read, _SPARSE_READ_MIN - 1)
         pack, data_header = SIMPLE_REPLY.pack, OFFSET_DATA_HEADER.pack
+        max_queued = self._max_in_flight
         while True:
             while (request := buffer.pop()) is not None:
                 command, flags, cookie, offset, length, payload = request
@@ -231,6 +235,9 @@ class Connection:
                                 )
                             )
                             out.append(data)
+                            self._queued += length
+                            if self._queued > max_queued:  # a batch of reads holds no more
+                                await self._drain_replies()
                             continue
                     elif command == CMD_WRITE and write is not None and payload is not None:
                         self._dirty = True
@@ -291,7 +298,13 @@ class Connection:
             self._out.extend(drive(self._execute(command, flags, cookie, offset, length, payload)))
             return True
         cost = length if command in (CMD_READ, CMD_WRITE) else 0
-        while self._in_flight and self._in_flight + cost > self._max_in_flight:
+        # Replies waiting for a peer that does not read count too (as in _receive's fast
+        # path): without them, a client sending READs it never reads made a file-backed
+        # server hold every reply (400 MiB for one connection, gigabytes under
+        # fuzz/netfuzz.py).
+        while (
+            self._in_flight and self._in_flight + cost > self._max_in_flight
+        ) or self._queued > self._max_in_flight:
             # A fresh event before sending: work that finishes during the send must find it,
             # or the wait below would miss that wake-up for good.
             self._room = trio.Event()
@@ -406,6 +419,7 @@ class Connection:
                 self._writes.discard(seq)
                 self._write_done.set()
         self._out.extend(chunks)
+        self._queued += sum(map(len, chunks))
         await self._send_pending()
 
     async def _barrier(self, seq: int) -> None:
@@ -508,6 +522,20 @@ class Connection:
 
     # -- sending ---------------------------------------------------------------------------
 
+    async def _drain_replies(self) -> None:
+        """Send everything queued, waiting for a send in progress elsewhere to finish: the
+        bound on :attr:`_queued` (replies held for a peer that may not be reading)."""
+        behind = self._behind
+        await self._send_pending()
+        while self._sending or self._out:
+            self._room = trio.Event()  # set after every round a sender sends
+            if behind is not None:
+                behind.pause()
+            await self._room.wait()
+            if behind is not None:
+                behind.resume()
+            await self._send_pending()
+
     async def _send_pending(self) -> None:
         """Send every queued reply; whoever is already sending picks up what others queue."""
         if self._sending:
@@ -517,6 +545,8 @@ class Connection:
             while self._out:
                 chunks = self._out[:]
                 self._out.clear()
+                self._queued = 0
                 await self.transport.send(chunks)
+                self._room.set()  # _dispatch may wait for queued replies to go out
         finally:
             self._sending = False
