@@ -26,7 +26,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from ._handshake import MAX_NAME_LENGTH
+from ._handshake import MAX_NAME_LENGTH, TLSMode
 from ._keys import check_key_spec
 from ._limits import DEFAULT_MAX_CONNECTIONS
 from ._listen import parse_listen
@@ -171,7 +171,6 @@ ListenAddresses = Annotated[
 #: An AES key source: key:<hex>, file:<path>, env:<VAR>, or unset for <store-dir>/key.aes.
 AesKeySpec = Annotated[str | None, AfterValidator(_key_spec), Flag("SOURCE", secret=True)]
 Attach = Literal["auto", "netlink", "ioctl", "none"]
-TLSMode = Literal["off", "on", "require"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 
