@@ -113,7 +113,9 @@ class Figures:
             f"{self.startup_misses} restarts that served before their kill), "
             f"{self.blocks_verified} blocks verified ({self.bound_blocks_verified} bound by a "
             f"FLUSH or FUA), {self.writes_acked} writes and {self.flushes_acked} FLUSHes "
-            f"answered, losses {self.losses}; {self.seconds:.0f} s, USBD_CRASH_SEED={self.seed}"
+            f"answered, losses {self.losses}"
+            + (" (meant to: a deliberately broken driver)" if "broken" in self.driver else "")
+            + f"; {self.seconds:.0f} s, USBD_CRASH_SEED={self.seed}"
         )
 
 
