@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import socket
 import stat
 import struct
 import time
@@ -23,6 +24,7 @@ import pytest
 import trio
 from core_helpers import (
     OPT_GO,
+    READ,
     REP_ACK,
     WRITE,
     Closed,
@@ -417,6 +419,27 @@ async def test_a_client_waiting_for_a_slow_request_is_not_idle() -> None:
             assert await client.write(0, b"slow") == 0  # answered, not cut off
             assert bytes(device.data[:4]) == b"slow"
             assert await client.closed_by_server()  # then idle: closed
+
+
+async def test_a_client_still_reading_a_long_reply_is_not_idle() -> None:
+    """A task's reply is still going out (the client reads it slowly, for longer than the
+    timeout) after the task and the queue have let go of it: the connection is busy, and
+    the client's next request is answered (review of issue 14: it was closed as idle)."""
+    device = ThreadedMemDevice(16 << 20)
+    device.data[: 8 << 20] = os.urandom(8 << 20)
+    with trio.fail_after(30):
+        async with limited([Export(device)], [None], idle_timeout=0.3) as (_, [connect]):
+            client = await served(connect)
+            assert isinstance(client.stream, trio.SocketStream)
+            client.stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+            await client.send(request(READ, 1, 0, 8 << 20))
+            assert await client.simple_reply() == (0, 1)
+            got = bytearray()
+            while len(got) < 8 << 20:  # about 2 s at 256 KiB per 60 ms: never idle
+                got += await client.recv_exactly(min(256 * 1024, (8 << 20) - len(got)))
+                await trio.sleep(0.06)
+            assert got == device.data[: 8 << 20]
+            assert await client.read(4096, 512) == bytes(device.data[4096:4608])
 
 
 async def test_a_request_stalled_mid_payload_is_closed_by_the_idle_timeout() -> None:

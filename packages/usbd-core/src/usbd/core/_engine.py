@@ -374,7 +374,8 @@ class Connection:
         while True:
             with trio.move_on_after(self._idle_timeout):
                 return await self.transport.recv_into(self._buffer.space(), self._before_wait)
-            if self._tasks or self._out or (behind is not None and behind.active):
+            # _tasks and _out drop before a reply has gone out: _sending covers the send.
+            if self._tasks or self._out or self._sending or (behind is not None and behind.active):
                 continue
             self._peer_event(
                 "idle connections closed",

@@ -30,6 +30,7 @@ import trio
 from ._device import BytesLike
 from ._errors import ProtocolError
 from ._handshake import TLSMode
+from ._transmission import new_storage
 from ._transport import SocketTransport, TransportClosed
 
 __all__ = [
@@ -224,8 +225,12 @@ class TLSTransport(SocketTransport):
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
-        self._raw = bytearray(_RAW_CHUNK)
+        # Mapped like the request buffers: resident only once ciphertext arrives in it (a
+        # bytearray is zero-filled, 256 KiB per idle connection).
+        self._raw = new_storage(_RAW_CHUNK)
         self._raw_view = memoryview(self._raw)
+        #: Set while one task sends records; others wait for it (see :meth:`_flush`).
+        self._flushing: trio.Event | None = None
 
     @property
     def version(self) -> str | None:
@@ -304,15 +309,18 @@ class TLSTransport(SocketTransport):
     async def recv_into(
         self, buffer: memoryview, before_wait: Callable[[], object] | None = None
     ) -> int:
+        # Every wait comes before plaintext is taken, never after: a caller's deadline
+        # (--idle-timeout) cancelling one then would drop what was decrypted.
+        await self._tick()
         while True:
+            # Records a read produced (an alert refusing renegotiation, say) go out here,
+            # unless another task is sending: its flush sends them after its own, rather
+            # than ours landing in the middle of one of its records.
+            if self._outgoing.pending and self._flushing is None:
+                await self._flush()
             got = self._decrypt(buffer)
             if got is not None:
-                if self._outgoing.pending:  # a TLS 1.3 key update's answer, say
-                    await self._flush()
-                await self._tick()
                 return got
-            if self._outgoing.pending:
-                await self._flush()
             if self._take() is None:
                 if before_wait is not None:
                     before_wait()
@@ -346,11 +354,20 @@ class TLSTransport(SocketTransport):
         await self._tick()
 
     async def _flush(self) -> None:
-        """Send every record the TLS object has produced."""
+        """Send every record the TLS object has produced.
+
+        One task at a time: a record is sent whole before the next starts, so a second
+        caller (the receive loop while a task sends a reply) waits for the first to finish
+        rather than putting its bytes in the middle of a record."""
+        while self._flushing is not None:
+            await self._flushing.wait()
+        if not self._outgoing.pending:
+            return
+        done = self._flushing = trio.Event()
         sock = self.socket
-        while self._outgoing.pending:
-            view = memoryview(self._outgoing.read())
-            try:
+        try:
+            while self._outgoing.pending:
+                view = memoryview(self._outgoing.read())
                 while view:
                     try:
                         sent = sock.send(view)
@@ -358,8 +375,11 @@ class TLSTransport(SocketTransport):
                         await trio.lowlevel.wait_writable(sock)
                         continue
                     view = view[sent:]
-            except OSError as exc:
-                raise TransportClosed(str(exc) or type(exc).__name__) from exc
+        except OSError as exc:
+            raise TransportClosed(str(exc) or type(exc).__name__) from exc
+        finally:
+            self._flushing = None
+            done.set()
 
     def _flush_nowait(self) -> None:
         """Send what fits now (an alert, a close_notify) and drop the rest."""

@@ -66,18 +66,18 @@ class SocketTransport:
         """Receive what is there, waiting if nothing is; ``before_wait`` is called (once)
         when it has to wait."""
         sock = self.socket
+        # The checkpoint comes before anything is taken off the socket, never after: a
+        # caller's deadline (--idle-timeout) cancelling it then would drop what was received.
+        await self._tick()
         try:
             while True:
                 try:
-                    received = sock.recv_into(buffer)
+                    return sock.recv_into(buffer)
                 except BlockingIOError:
                     if before_wait is not None:
                         before_wait()
                         before_wait = None
                     await trio.lowlevel.wait_readable(sock)
-                    continue
-                await self._tick()
-                return received
         except OSError as exc:
             raise TransportClosed(str(exc) or type(exc).__name__) from exc
 
