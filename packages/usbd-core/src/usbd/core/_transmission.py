@@ -154,8 +154,9 @@ def new_storage(size: int) -> mmap.mmap:
     header announcing that much. 200 idle connections took 820 MiB, and 50 clients stopping
     256 KiB into 32 MiB WRITEs 1.4 GiB more. Mapped, a connection holds what its client
     has sent. A mapping is also unmapped when dropped, where a freed bytearray may stay in
-    the allocator's heap."""
-    return mmap.mmap(-1, size)
+    the allocator's heap. Private: Python's default for ``-1`` is a shared mapping, which
+    the kernel accounts as shared memory and does not back with transparent huge pages."""
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
 class RequestBuffer:
