@@ -14,6 +14,9 @@ random moment; the object is then read back twice, 3 s apart::
 It prints each round that found the object anything but one whole version (here: 6 rounds
 in 150, empty both times; weed's log shows "chunked upload failed: truncated request body:
 read chunk at offset 0 (got 0 bytes)" for the aborted PUTs, most of which it handles right).
+
+The same PUTs with a Content-MD5 header, which usbd-objstore now sends for every object it
+replaces in place, left nothing damaged in 400 kills (5 in 400 without it, side by side).
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ bucket, nothing listening, a second daemon, the wrong key: exit 1 with one line 
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import itertools
 import json
 import os
@@ -19,7 +21,9 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import botocore.exceptions
 import pytest
 
 from usbd.core import Device
@@ -227,3 +231,31 @@ def test_a_second_daemon_on_the_volume_and_the_wrong_key_are_refused(
     # Other parameters given explicitly: refused, naming the flag.
     line = one_error_line(objstore(store_dir, cfg, name, "--objstore-objsize=4MiB"))
     assert "was created with -objstore-objsize=1.0 MiB, not 4.0 MiB" in line
+
+
+def test_objects_replaced_in_place_carry_their_md5_and_the_server_checks_it(
+    seaweed: SeaweedS3,
+) -> None:
+    """The manifest and the lease are replaced by conditional PUTs that carry Content-MD5,
+    which SeaweedFS checks: a body cut short by a kill -9 is refused instead of stored as an
+    empty head (tests/crash/seaweed_aborted_put.py), which left the volume unopenable."""
+    store = S3Store(seaweed.objstore_cfg())
+    sent: dict[str, bytes | None] = {}
+
+    def note(request: Any, **_: Any) -> None:
+        sent[request.url.rsplit("/", 1)[-1]] = request.headers.get("Content-MD5")
+
+    store._client.meta.events.register("before-send.s3.PutObject", note)
+    key = f"md5-{uuid.uuid4().hex[:8]}"
+    first = store.put(f"{key}-head", b"one", if_none_match=True)
+    store.put(f"{key}-head", b"two", if_match=first)
+    store.put(f"{key}-data", b"immutable")
+    assert sent == {
+        f"{key}-head": base64.b64encode(hashlib.md5(b"two").digest()),
+        f"{key}-data": None,
+    }
+    wrong = base64.b64encode(hashlib.md5(b"something else").digest()).decode()
+    client = seaweed.client()
+    with pytest.raises(botocore.exceptions.ClientError, match=r"BadDigest|InvalidDigest"):
+        client.put_object(Bucket=seaweed.bucket, Key=f"{key}-head", Body=b"two", ContentMD5=wrong)
+    assert client.get_object(Bucket=seaweed.bucket, Key=f"{key}-head")["Body"].read() == b"two"
