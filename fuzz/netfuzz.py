@@ -1,7 +1,8 @@
 """A network fuzzer against a running daemon: ``python fuzz/netfuzz.py --driver ramdisk``.
 
-It starts a real ``usbd-ramdisk`` (or ``usbd-filedisk``) process listening on a unix socket
-and on TCP, and opens many connections at once, each one of:
+It starts a real ``usbd-ramdisk`` (or ``usbd-filedisk``, ``usbd-dedup``, or ``usbd-objstore``
+on a local store) process listening on a unix socket and on TCP, and opens many connections
+at once, each one of:
 
 * a mutated handshake (a seed from ``corpus/handshake``, bit flips, splices, interesting
   integers, truncation), sent in random pieces;
@@ -54,6 +55,8 @@ GREETING = struct.pack(">QQ", nbdspec.NBDMAGIC, nbdspec.IHAVEOPT)
 #: How long a batch's connections may take to be closed by the server after their clients
 #: closed; past it the batch is reported as leaving connections behind.
 IDLE_TIMEOUT = 60.0
+#: What a driver needs beyond the shared flags: objstore's store is a local directory here.
+DRIVER_FLAGS = {"objstore": ["--objstore-kind", "local"]}
 INTERESTING = (0, 1, 0x7F, 0x80, 0xFF, 0xFFFF, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 1 << 25)
 
 
@@ -184,6 +187,7 @@ class Daemon:
         argv = [sys.executable, "-m", f"usbd.{self.driver}", "--listen", self.sock_path]
         argv += ["--listen", "127.0.0.1:0", "--store-size", str(DISK_SIZE)]
         argv += ["--export-name", EXPORT, "--store-dir", str(self.workdir)]
+        argv += DRIVER_FLAGS.get(self.driver, [])
         with self.log_path.open("a") as log:
             self.process = subprocess.Popen(
                 argv, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True
@@ -601,7 +605,9 @@ def run(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--driver", choices=("ramdisk", "filedisk"), default="ramdisk")
+    parser.add_argument(
+        "--driver", choices=("ramdisk", "filedisk", "dedup", "objstore"), default="ramdisk"
+    )
     parser.add_argument("--connections", type=int, default=10_000)
     parser.add_argument("--batch", type=int, default=1000, help="connections between checks")
     parser.add_argument("--concurrency", type=int, default=64)
