@@ -486,6 +486,14 @@ def test_usbd_listen_separates_addresses_with_commas(monkeypatch: pytest.MonkeyP
     assert load([]).listen == ["/a/s.sock", "127.0.0.1:10809"]
 
 
+def test_a_listen_flag_separates_addresses_with_commas_too() -> None:
+    assert load(["--listen", "/a/s.sock,127.0.0.1:10809", "-listen=:1"]).listen == [
+        "/a/s.sock",
+        "127.0.0.1:10809",
+        ":1",
+    ]
+
+
 def test_listen_in_the_file_is_a_list_or_a_comma_separated_string(tmp_path: Path) -> None:
     config = tmp_path / "usbd.toml"
     config.write_text('listen = ["/a/s.sock", ":10809"]\n')

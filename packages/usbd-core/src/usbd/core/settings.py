@@ -106,10 +106,18 @@ def _existing_dir(value: Path) -> Path:
 
 
 def _listen_list(value: object) -> object:
-    """One address as a string (an environment variable, a TOML string) or several as a list;
-    ``USBD_LISTEN=/run/a.sock,127.0.0.1:10809`` names two."""
+    """One address as a string (an environment variable, a TOML string) or several as a list
+    (repeated flags, a TOML list); commas separate addresses in either, as the help says:
+    ``USBD_LISTEN=/run/a.sock,127.0.0.1:10809`` and ``--listen /run/a.sock,:10809`` name two."""
     if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
+        value = [value]
+    if isinstance(value, list):
+        return [
+            part.strip()
+            for item in value
+            for part in (item.split(",") if isinstance(item, str) else [item])
+            if not isinstance(part, str) or part.strip()
+        ]
     return value
 
 
