@@ -60,6 +60,24 @@ def session_for(export: Export, negotiated: Negotiated | None = None) -> Session
     )
 
 
+class _Collector:
+    """Full garbage collections, rate-limited for the whole process (see Server._collect)."""
+
+    def __init__(self) -> None:
+        self._next = 0.0
+
+    def maybe_collect(self) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        gc.collect()
+        done = time.monotonic()
+        self._next = done + max(1.0, 100 * (done - now))
+
+
+_collector = _Collector()
+
+
 class Server:
     """Serves exports to NBD clients over any number of listeners."""
 
@@ -92,7 +110,6 @@ class Server:
         #: deadline as the rest of the negotiation.
         self.tls = tls
         self._ids = itertools.count(1)
-        self._next_collect = 0.0  # when _collect may run again
 
     async def serve(
         self,
@@ -213,13 +230,10 @@ class Server:
         megabytes each, too few for the collector's own thresholds to notice. Under the
         network fuzzer usbd-filedisk held gigabytes of them. A full collection costs what
         the process's heap holds (milliseconds in a daemon, a second in a test run), so
-        the next one waits 100 times as long as the last took, and at least a second."""
-        now = time.monotonic()
-        if now < self._next_collect:
-            return
-        gc.collect()
-        done = time.monotonic()
-        self._next_collect = done + max(1.0, 100 * (done - now))
+        the next one waits 100 times as long as the last took, and at least a second: once per
+        process (:data:`_collector`), however many servers it runs (a test run makes one per
+        case)."""
+        _collector.maybe_collect()
 
     async def _negotiate(
         self, transport: SocketTransport, name: str
