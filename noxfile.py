@@ -104,7 +104,7 @@ def kernel(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff (lint and format) everywhere; mypy strict on the packages."""
-    session.install("ruff", "mypy", *ALL)
+    session.install("ruff", "mypy", "types-tqdm", *ALL)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run(

@@ -43,7 +43,7 @@ Contract, as the shared suite in :mod:`usbd.core.testing` checks it:
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -173,6 +173,17 @@ class Device:
         on the event loop, whatever the execution model: it must answer at once (a plain
         method, even on an async device) and must not block."""
         return None
+
+    def metrics(self) -> Mapping[str, float]:
+        """The current value of each metric the driver declares
+        (:attr:`usbd.core.driver.Driver.metrics`), by its name; the default has none.
+
+        Asked only when someone looks (a Prometheus scrape, the status file's refresh every
+        few seconds, SIGUSR1), from the metrics server's thread as well as the event loop,
+        whatever the execution model: return figures the device keeps anyway (plain numbers
+        read without a lock the I/O path holds), never do I/O or block. A name the driver
+        did not declare, or a value that is not a number, is left out."""
+        return {}
 
     def close(self) -> None:
         """Release everything; called exactly once, after every other call has returned."""

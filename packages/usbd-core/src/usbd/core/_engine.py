@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 
 import trio
@@ -49,6 +50,7 @@ from ._execution import check_written
 from ._export import Export, drive
 from ._handshake import BASE_ALLOCATION_ID
 from ._peerlog import PeerLog
+from ._stats import SAMPLE_EVERY
 from ._transmission import (
     OFFSET_DATA_HEADER,
     SIMPLE_REPLY,
@@ -96,6 +98,7 @@ class Connection:
         self.export = export
         self.session = session
         self.name = name
+        self._stats = export.stats
         self._buffer = RequestBuffer(session.max_payload)
         if initial:
             self._buffer.space()[: len(initial)] = initial
@@ -127,6 +130,8 @@ class Connection:
     async def serve(self) -> None:
         """Run until the client disconnects or sends DISC; flush what it wrote; never raise
         for anything the peer or the device did."""
+        self.export.connections.add(self)
+        self._stats.connections_total += 1
         try:
             async with trio.open_nursery() as nursery:
                 if self.export.fast.write_behind:
@@ -138,6 +143,7 @@ class Connection:
                         send=self._send_pending,
                         written=self._writes_done,
                         name=f"{self.name} writer",
+                        observe=self._stats.observe,
                     )
                     self._before_wait = behind.pause
                     nursery.start_soon(behind.run_sender)
@@ -154,7 +160,13 @@ class Connection:
         except* Exception as group:  # a bug, ours or a device's: it costs this connection only
             log.error("%s: closing on an unexpected error", self.name, exc_info=group)  # noqa: TRY400
         finally:
+            self.export.connections.discard(self)
             await self._close()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests taken and not answered yet: in tasks, or writes left to the writer."""
+        return self._tasks + (self._behind.pending if self._behind is not None else 0)
 
     def _peer_event(self, kind: str, level: int, message: str, *args: object) -> None:
         """What the peer did, rate-limited for a network client (:class:`PeerLog`)."""
@@ -187,6 +199,10 @@ class Connection:
         """The request loop: the fast path written out here, everything else in calls."""
         export, session, buffer, out = self.export, self.session, self._buffer, self._out
         counts, check_read, behind = export.counts, export.check_read, self._behind
+        # Figures (usbd.core._stats): a count and bytes per request, one request in
+        # SAMPLE_EVERY timed.
+        nbytes, observe, clock = export.stats.bytes, export.stats.observe, time.perf_counter
+        tick = SAMPLE_EVERY
         size, max_payload = session.size, session.max_payload
         read, fast_read, write = export.fast.read, export.fast.read_max, export.fast.write
         simple = not session.structured_replies
@@ -199,11 +215,20 @@ class Connection:
                 command, flags, cookie, offset, length, payload = request
                 if command < CMD_COUNT:
                     counts[command] += 1
+                    nbytes[command] += length
                 # The fast path: plain READ and WRITE in range, checked in one comparison.
                 if not flags and 0 < length <= max_payload and offset + length <= size:
                     if command == CMD_READ and length <= fast_read:
                         try:
-                            data = read(offset, length)  # type: ignore[misc]
+                            tick -= 1
+                            if tick:
+                                data = read(offset, length)  # type: ignore[misc]
+                            else:
+                                tick = SAMPLE_EVERY
+                                start = clock()
+                                data = read(offset, length)  # type: ignore[misc]
+                                if data is not None:
+                                    observe(CMD_READ, clock() - start, SAMPLE_EVERY)
                             # Only a contiguous run of exactly ``length`` bytes may be sent.
                             if data is not None and (
                                 len(data) != length
@@ -245,7 +270,15 @@ class Connection:
                             behind.defer(cookie, offset, payload)
                             continue
                         try:
-                            done = write(offset, payload, False)
+                            tick -= 1
+                            if tick:
+                                done = write(offset, payload, False)
+                            else:
+                                tick = SAMPLE_EVERY
+                                start = clock()
+                                done = write(offset, payload, False)
+                                if behind is None or done == length:  # timed only if done
+                                    observe(CMD_WRITE, clock() - start, SAMPLE_EVERY)
                             if behind is not None and done != length:  # the rest goes behind
                                 # 0, the usual miss, needs no checking
                                 done = check_written(done, length) if done else 0
@@ -295,7 +328,9 @@ class Connection:
         if command in CMD_WRITES:
             self._dirty = True
         if self.export.inline:
+            start = time.perf_counter()
             self._out.extend(drive(self._execute(command, flags, cookie, offset, length, payload)))
+            self._stats.observe(command, time.perf_counter() - start)
             return True
         cost = length if command in (CMD_READ, CMD_WRITE) else 0
         # Replies waiting for a peer that does not read count too (as in _receive's fast
@@ -408,10 +443,12 @@ class Connection:
         length: int,
         payload: memoryview | None,
     ) -> None:
+        start = time.perf_counter()
         try:
             if command == CMD_FLUSH:
                 await self._barrier(seq)
             chunks = await self._execute(command, flags, cookie, offset, length, payload)
+            self._stats.observe(command, time.perf_counter() - start)
         finally:
             self._tasks -= 1
             self._in_flight -= cost
@@ -517,6 +554,7 @@ class Connection:
     def _error_reply(self, cookie: int, command: int, error: Errno, message: str) -> list[bytes]:
         # A structured client must get READ and BLOCK_STATUS errors as error chunks; a simple
         # reply never carries a payload after an error (the original project's desync bug).
+        self._stats.error(int(error))
         if self.session.structured_replies and command in (CMD_READ, CMD_BLOCK_STATUS):
             return [structured_error_reply(cookie, int(error), message)]
         return [simple_reply(cookie, int(error))]

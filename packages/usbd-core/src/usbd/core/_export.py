@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 import trio
 
 from ._constants import (
-    CMD_COUNT,
     DEFAULT_MAX_PAYLOAD,
     EXTENT_FLAGS,
     Command,
@@ -28,6 +27,7 @@ from ._device import BytesLike, Device, Extent, Fua
 from ._errors import DeviceError
 from ._execution import ContractError, Execution, fast_path, overrides, resolve
 from ._handshake import ExportInfo
+from ._stats import RequestStats
 
 __all__ = ["Export", "drive", "normalise_extents"]
 
@@ -93,8 +93,13 @@ class Export:
         self.native_fua = cls.fua is Fua.NATIVE
         self.can_fua = self.can_write and (self.native_fua or self.can_flush)
         self._closed = False
-        #: Requests received per command number (all connections), for the exit summary.
-        self.counts = [0] * CMD_COUNT
+        #: Requests, bytes, errors and latency over every connection (the request loop
+        #: keeps them; the monitor and the exit summary read them).
+        self.stats = RequestStats()
+        #: Requests received per command number (all connections): ``stats.requests``.
+        self.counts = self.stats.requests
+        #: The connections in the transmission phase now (each adds itself while it serves).
+        self.connections: set[Any] = set()
         self._limiter = trio.CapacityLimiter(max_workers if self.execution.parallel else 1)
         self._lock = trio.Lock() if self.execution is Execution.SERIAL_ASYNC else None
         self.size = int(device.size)

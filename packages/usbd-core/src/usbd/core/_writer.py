@@ -42,11 +42,13 @@ import logging
 import mmap
 import queue
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Final
 
 import trio
 
+from ._constants import CMD_WRITE
 from ._device import BytesLike
 from ._execution import ContractError
 from ._transmission import RequestBuffer, new_storage, simple_reply
@@ -89,6 +91,7 @@ class WriteBehind:
         send: Callable[[], Awaitable[None]],
         written: Callable[[], None],
         name: str,
+        observe: Callable[[int, float, int], None] | None = None,
     ) -> None:
         self._write = write
         self._buffer = buffer
@@ -97,11 +100,15 @@ class WriteBehind:
         self._send = send
         self._written = written
         self._name = name
+        # Latency, per round: (command, seconds, writes), as RequestStats.observe takes it.
+        self._observe = observe
         self._deferred: list[_Write] = []
         #: Writes are deferred or being written: a later WRITE must follow them, in order.
         #: (An attribute, not a property: the fast path reads it for every WRITE.)
         self.active = False
         self._unfinished: collections.deque[int] = collections.deque()  # submitted, in order
+        self._submitted: collections.deque[float] = collections.deque()  # when, for each
+        self._handed_over = 0  # writes submitted and not yet collected
         self._written_upto = -1  # sequence number of the last batch collected
         self._lent = -1  # the last batch pointing into the buffer's current storage, or -1
         self._retired: collections.deque[tuple[int, mmap.mmap]] = collections.deque()
@@ -125,6 +132,11 @@ class WriteBehind:
         return bool(self._deferred)
 
     @property
+    def pending(self) -> int:
+        """Writes deferred or handed over and not yet answered (for the figures)."""
+        return self._handed_over + len(self._deferred)
+
+    @property
     def buffers(self) -> int:
         """Receive buffers this connection has had at once (at most :data:`MAX_BUFFERS`)."""
         return self._buffers
@@ -146,8 +158,10 @@ class WriteBehind:
             thread.start()  # RuntimeError if no thread can be had: this connection ends
             self._thread = thread
         self._queue.put((seq, self._deferred))
+        self._handed_over += len(self._deferred)
         self._deferred = []
         self._unfinished.append(seq)
+        self._submitted.append(time.perf_counter())
         self._lent = seq
         self._buffer.pin()
 
@@ -175,12 +189,17 @@ class WriteBehind:
         if not finished:
             return False
         out, error_reply, unfinished = self._out, self._error_reply, self._unfinished
+        observe, now = self._observe, time.perf_counter()
         last = -1
         for _ in range(len(finished)):
             last, writes, results = finished.popleft()
             for (cookie, _, _), error in zip(writes, results, strict=True):
                 out.append(simple_reply(cookie) if error is None else error_reply(cookie, error))
             unfinished.popleft()
+            self._handed_over -= len(writes)
+            submitted = self._submitted.popleft()
+            if observe is not None:
+                observe(CMD_WRITE, now - submitted, len(writes))
         self._written_upto = last
         self.active = bool(self._deferred or unfinished)
         while self._retired and self._retired[0][0] <= last:

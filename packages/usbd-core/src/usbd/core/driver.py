@@ -16,6 +16,7 @@ from typing import Any, Generic, TypeAlias, TypeVar
 from pydantic import BaseModel
 
 from ._device import Device
+from .metrics import Metric
 from .settings import CommonSettings, NoOptions
 
 __all__ = [
@@ -57,7 +58,9 @@ class Driver(Generic[OptionsT]):
     ``describe`` adds the driver's part to the startup line ("with 64 MiB objects, ..."):
     by default every option as ``name=value``, secrets as ``<REDACTED>``.
     ``stores_data`` says the device keeps data under ``--store-dir``. ``actions`` are the
-    driver's other commands, by flag name (``check`` is ``--check``).
+    driver's other commands, by flag name (``check`` is ``--check``). ``metrics`` are the
+    figures its devices report through :meth:`Device.metrics` (:mod:`usbd.core.metrics`):
+    exposed as ``usbd_<name>_*`` by ``--metrics``, the headline ones in ``usbdsrvd status``.
     """
 
     name: str
@@ -68,6 +71,7 @@ class Driver(Generic[OptionsT]):
     stores_data: bool = False
     describe: Callable[[CommonSettings, OptionsT], str] | None = None
     actions: Mapping[str, Action[OptionsT]] = field(default_factory=dict)
+    metrics: tuple[Metric, ...] = ()
 
     def __post_init__(self) -> None:
         """Every option needs a default: usbdsrvd builds every installed driver's options
@@ -77,6 +81,9 @@ class Driver(Generic[OptionsT]):
             raise TypeError(
                 f"driver {self.name!r}: options without a default: {', '.join(required)}"
             )
+        names = [metric.name for metric in self.metrics]
+        if len(set(names)) != len(names):
+            raise TypeError(f"driver {self.name!r}: a metric name is declared twice")
 
     @property
     def names(self) -> tuple[str, ...]:
