@@ -1,0 +1,84 @@
+"""Status files: how ``usbdsrvd status`` finds every usbd daemon on the machine and its figures.
+
+Each serving daemon keeps one JSON file, ``<pid>.json``, in a status directory
+(:func:`status_dirs`): the :meth:`~usbd.core._monitor.Monitor.figures` snapshot, rewritten
+every :data:`REFRESH` seconds (atomically: a reader never sees half a file) and removed when
+the daemon stops. A file whose pid is gone is a daemon killed before it could remove it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import trio
+
+from ._monitor import Monitor
+
+__all__ = ["REFRESH", "publish_status", "status_dirs", "write_status"]
+
+log = logging.getLogger("usbd")
+
+#: Seconds between rewrites of a daemon's status file.
+REFRESH = 2.0
+
+
+def status_dirs() -> list[Path]:
+    """Where status files live, the one this process writes to first: /run/usbd for root,
+    else $XDG_RUNTIME_DIR/usbd (or /tmp/usbd-<uid>); a reader looks in all of them."""
+    dirs = [Path("/run/usbd")]
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        dirs.append(Path(runtime) / "usbd")
+    dirs.append(Path(tempfile.gettempdir()) / f"usbd-{os.getuid()}")
+    if os.geteuid() != 0:
+        dirs.append(dirs.pop(0))
+    return dirs
+
+
+def write_status(monitor: Monitor, directory: Path) -> Path:
+    """Write the monitor's figures to ``directory/<pid>.json`` atomically; return the path."""
+    directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+    path = directory / f"{os.getpid()}.json"
+    text = json.dumps(monitor.figures(), sort_keys=True)
+    fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.getpid()}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    return path
+
+
+async def publish_status(monitor: Monitor, *, every: float = REFRESH) -> None:
+    """Keep this daemon's status file until cancelled, then remove it. A directory that
+    cannot be written is skipped for the next; none at all is logged once, not fatal."""
+    path: Path | None = None
+    try:
+        while True:
+            path = _write_somewhere(monitor, path)
+            await trio.sleep(every)
+    finally:
+        if path is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def _write_somewhere(monitor: Monitor, previous: Path | None) -> Path | None:
+    candidates = [previous.parent] if previous is not None else status_dirs()
+    for directory in candidates:
+        try:
+            return write_status(monitor, directory)
+        except OSError as exc:
+            last = exc
+    if previous is None:
+        log.warning("no status file (usbdsrvd status will not list this daemon): %s", last)
+    return None
