@@ -145,6 +145,14 @@ def _octal_mode(value: object) -> object:
     return value
 
 
+def _command(value: str | None) -> str | None:
+    """A --run command: anything /bin/sh takes, but not nothing (an empty command would
+    stop the daemon as soon as it serves, which is never what was meant)."""
+    if value is not None and not value.strip():
+        raise ValueError("an empty command: expected a shell command such as 'nbdinfo \"$uri\"'")
+    return value
+
+
 def _nbd_string(value: str) -> str:
     """Names and descriptions go to clients in option replies: the spec's 4096 bytes."""
     size = len(value.encode())
@@ -253,6 +261,13 @@ class CommonSettings(BaseSettings):
         0o600,
         description="permissions of the unix sockets --listen creates, in octal (0600: only "
         "this user may connect; 0660 lets the socket's group in too)",
+    )
+    run: Annotated[str | None, AfterValidator(_command), Flag("COMMAND", group="serving")] = Field(
+        None,
+        description="captive mode, as nbdkit's --run: serve on a private unix socket too, run "
+        "COMMAND with /bin/sh once serving ($uri, $nbd, $unixsocket, $exportname in its "
+        "environment), then stop and exit with its status; no kernel device unless --device "
+        "or --attach asks for one",
     )
     attach: Annotated[Attach, Flag(group="kernel")] = Field(
         "auto",

@@ -24,6 +24,7 @@ from .._version import __version__
 from ..driver import AnyDriver, Driver
 from ..kernel import KernelOptions
 from ..settings import CommonSettings
+from ._captive import Captive
 from ._config import config_path, load_settings, settings_class
 from ._errors import UsageError
 from ._flags import STYLE_NOTE, build_parser, parse_argv
@@ -55,14 +56,16 @@ class Command:
 
 def kernel_options(settings: CommonSettings) -> KernelOptions | None:
     """Whether to attach to the kernel: always with a device named or --attach=netlink|ioctl,
-    never with --attach=none, and by default only when nothing is to be served on --listen."""
+    never with --attach=none, and by default only when nothing is to be served on --listen
+    (or to a --run command, which has a socket of its own)."""
     if settings.attach == "none":
         if settings.device is not None:
             raise UsageError("NBD_DEVICE: not allowed with -attach=none")
-        if not settings.listen:
+        if not settings.listen and settings.run is None:
             raise UsageError("-attach: 'none' needs -listen (HOST:PORT or a unix path)")
         return None
-    if settings.device is None and settings.attach == "auto" and settings.listen:
+    served = settings.listen or settings.run is not None
+    if settings.device is None and settings.attach == "auto" and served:
         return None
     return KernelOptions(
         device=settings.device,
@@ -122,6 +125,8 @@ def _startup_line(
         targets.append("as next available NBD device" if device is None else f"as /dev/nbd{device}")
     if settings.listen:
         targets.append("on the network")
+    if settings.run is not None:
+        targets.append("to the --run command")
     line = f'Exporting {format_size(size)} volume "{settings.store_name}" {" and ".join(targets)}'
     if driver.stores_data:
         line += f' with local storage at "{settings.store_dir}"'
@@ -197,6 +202,9 @@ def run(command: Command, argv: Sequence[str] | None = None) -> int:
         _configure_logging(settings.log_level)
         _warn_unused(settings, driver, command)
         device = driver.create(settings, options)
+        captive = None
+        if settings.run is not None:
+            captive = Captive(settings.run, export_name=settings.export_name, tls=settings.tls)
     except (UsageError, ValueError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
@@ -233,6 +241,7 @@ def run(command: Command, argv: Sequence[str] | None = None) -> int:
                 ),
                 socket_mode=settings.socket_mode,
                 tls=tls,
+                captive=captive,
             )
         )
     except* OSError as group:
@@ -243,6 +252,8 @@ def run(command: Command, argv: Sequence[str] | None = None) -> int:
         print(f"{prog}: error: {failure}", file=sys.stderr)
         return 1
     print(f"{prog} terminated normally.", flush=True)
+    if captive is not None and captive.status is not None:
+        return captive.status  # as nbdkit --run: the command's status is the daemon's
     return 0
 
 

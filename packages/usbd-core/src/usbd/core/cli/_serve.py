@@ -23,6 +23,7 @@ from .._notify import ready, stopping
 from .._server import Server, open_tcp_listeners, open_unix_listener
 from .._tls import ServerTLS
 from ..kernel import Attached, KernelExport, KernelOptions
+from ._captive import Captive
 
 __all__ = ["DeviceFailed", "serve"]
 
@@ -52,6 +53,7 @@ async def serve(
     limits: Limits | None = None,
     socket_mode: int = 0o600,
     tls: ServerTLS | None = None,
+    captive: Captive | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``device`` on ``listen`` and/or to the kernel until SIGINT, SIGTERM or SIGHUP,
@@ -60,7 +62,8 @@ async def serve(
     A device that is mounted or held open is not detached on the first signal (the kernel
     would fail the I/O in flight): the daemon says so and keeps serving; a second signal forces.
     Under systemd (``NOTIFY_SOCKET``) it reports READY=1 once every listener accepts and the
-    kernel device is attached, and STOPPING=1 when a stop begins.
+    kernel device is attached, and STOPPING=1 when a stop begins. With ``captive``
+    (``--run``) it also serves a private socket, runs the command there and stops when it exits.
     """
     if listen:  # room for --max-connections: not the kernel's few sockets
         raise_file_limit(limits or Limits())
@@ -68,17 +71,25 @@ async def serve(
     # kernel attaches stops the daemon cleanly once it is up (not a KeyboardInterrupt).
     # SIGHUP too: a daemon started from a terminal that is then closed must stop as on
     # SIGTERM (flush, close, upload), not die as the default action would have it.
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+    with (
+        trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals,
+        contextlib.ExitStack() as stack,
+    ):
+        stops: AsyncIterator[int] = signals
+        if captive is not None:  # its socket is the last listener; it hears every signal
+            listen = [*listen, stack.enter_context(captive.private_socket())]
+            stops = captive.forward(signals)
         await _serve(
             Export(device, export_name, description, read_only=read_only),
             listen,
             kernel,
             prog,
-            signals,
+            stops,
             task_status,
             limits,
             socket_mode,
             tls,
+            captive,
         )
 
 
@@ -92,6 +103,7 @@ async def _serve(
     limits: Limits | None = None,
     socket_mode: int = 0o600,
     tls: ServerTLS | None = None,
+    captive: Captive | None = None,
 ) -> None:
     try:
         listeners: list[trio.SocketListener] = []
@@ -129,6 +141,8 @@ async def _serve(
             ready(f"serving {', '.join(serving)}")
             task_status.started(uris)
             nursery.start_soon(_watch_for_failure, export.device, attachment)
+            if captive is not None:
+                nursery.start_soon(captive.run, uris[-1], attachment, nursery.cancel_scope)
             await _wait_for_stop(prog, attachment, signals)
             nursery.cancel_scope.cancel()
     finally:

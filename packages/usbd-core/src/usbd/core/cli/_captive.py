@@ -1,0 +1,174 @@
+"""Captive mode (``--run 'COMMAND'``): serve one command, then stop with its exit status.
+
+As nbdkit's ``--run``: the daemon serves on a private unix socket (in a fresh directory only
+this user can enter, removed at exit) besides any ``--listen``, runs COMMAND with ``/bin/sh -c``
+once it serves, and stops when the command exits, with the command's status. This is how a
+script copies an image in or out without managing a daemon's life:
+``usbd-ramdisk --run 'qemu-img convert disk.qcow2 "$uri"'``.
+
+The command finds the server through nbdkit's variables, exported so that its children see
+them too: ``$uri`` and ``$nbd`` (the same URI, as in nbdkit 1.24 and later), ``$unixsocket``,
+``$exportname``, ``$port`` (empty: the private socket is not TCP) and ``$tls`` (1 for
+``--tls=on``, 2 for ``--tls=require``, unset when off). Its stdin, stdout and stderr are the
+daemon's, so it can be interactive.
+
+Stopping is the daemon's usual clean stop (flush, close, remove sockets) whatever starts it:
+the command's exit (the kernel device, if one was asked for, is detached first), a signal to
+the daemon (forwarded to the command, which gets a grace period to exit before SIGKILL), or the
+device failing (the command is terminated; the daemon exits 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import tempfile
+from collections.abc import AsyncIterator, Iterator, Mapping
+from functools import partial
+
+import trio
+
+from .._handshake import TLSMode
+from .._listen import Listen
+from ..kernel import KernelExport
+
+__all__ = ["GRACE", "Captive", "exit_status"]
+
+log = logging.getLogger("usbd")
+
+#: Seconds the command has to exit after it was signalled, before it is killed.
+GRACE = 10.0
+
+#: ``$tls`` as nbdkit sets it for each --tls mode (unset when off).
+_TLS_VARIABLE: Mapping[TLSMode, str] = {"on": "1", "require": "2"}
+
+
+def exit_status(returncode: int) -> int:
+    """The status a shell reports: a command killed by signal N is 128+N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class Captive:
+    """One ``--run`` command: its private socket, its process and, once it ended, its status.
+
+    :meth:`private_socket` makes the socket's directory for the daemon's life;
+    :meth:`forward` passes the daemon's stop signals on to the command; :meth:`run` (a task
+    in the daemon's nursery) starts the command once the daemon serves and stops the daemon
+    when it exits.
+    """
+
+    def __init__(self, command: str, *, export_name: str = "", tls: TLSMode = "off") -> None:
+        self.command = command
+        self.export_name = export_name
+        self.tls = tls
+        #: The command's exit status (128+N if killed by signal N); None until it ended.
+        self.status: int | None = None
+        self.socket_path: str | None = None
+        self._process: trio.Process | None = None
+        self._signalled = False
+
+    @contextlib.contextmanager
+    def private_socket(self) -> Iterator[Listen]:
+        """Where the daemon listens for the command: ``socket`` in a new directory of mode
+        0700 (as :func:`tempfile.mkdtemp` makes it), removed with whatever is left in it."""
+        with tempfile.TemporaryDirectory(prefix="usbd-run-") as directory:
+            self.socket_path = os.path.join(directory, "socket")
+            try:
+                yield Listen(path=self.socket_path)
+            finally:
+                self.socket_path = None
+
+    def environment(self, uri: str) -> dict[str, str]:
+        """The daemon's environment plus nbdkit's ``--run`` variables for ``uri``."""
+        assert self.socket_path is not None, "the private socket is not open"
+        env = dict(os.environ)
+        env.update(
+            uri=uri,
+            nbd=uri,
+            unixsocket=self.socket_path,
+            exportname=self.export_name,
+            port="",
+        )
+        env.pop("tls", None)
+        if self.tls in _TLS_VARIABLE:
+            env["tls"] = _TLS_VARIABLE[self.tls]
+        return env
+
+    def forward(self, signals: AsyncIterator[int]) -> AsyncIterator[int]:
+        """The daemon's signals, each sent on to the command (if it runs) as it arrives."""
+        return _Forwarding(self, signals)
+
+    def send_signal(self, signum: int) -> None:
+        """Send ``signum`` to the command if it is running; the stop then waits for it."""
+        process = self._process
+        if process is None or process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signum)
+            self._signalled = True
+
+    async def run(self, uri: str, attachment: KernelExport | None, scope: trio.CancelScope) -> None:
+        """Run the command until it exits, then stop the daemon (cancel ``scope``, after
+        detaching the kernel device). Cancelled first, it ends the command (:meth:`_end`)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._process = await nursery.start(
+                    partial(
+                        trio.run_process,
+                        ["/bin/sh", "-c", self.command],
+                        stdin=None,
+                        check=False,
+                        env=self.environment(uri),
+                        deliver_cancel=self._end,
+                    )
+                )
+        finally:
+            if self._process is not None and self._process.returncode is not None:
+                self.status = exit_status(self._process.returncode)
+        returncode = self._process.returncode
+        if returncode is not None and returncode < 0:
+            name = signal.Signals(-returncode).name
+            log.info("the --run command was killed by %s: stopping", name)
+        else:
+            log.info("the --run command exited with status %s: stopping", self.status)
+        if attachment is not None and attachment.attached is not None:
+            if await attachment.in_use():
+                log.warning(
+                    "%s is still in use (mounted or open) after the --run command: "
+                    "detaching anyway",
+                    attachment.attached.path,
+                )
+            await attachment.detach()
+        scope.cancel()
+
+    async def _end(self, process: trio.Process) -> None:
+        """How a cancelled run ends the command: SIGTERM unless a signal was forwarded, then
+        :data:`GRACE` seconds to exit (run_process cancels this once it has), then SIGKILL."""
+        if not self._signalled:
+            self.send_signal(signal.SIGTERM)
+        await trio.sleep(GRACE)
+        log.warning("the --run command did not exit %g s after a signal: killing it", GRACE)
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+
+
+class _Forwarding:
+    """An async iterator over the daemon's signals that sends each to the command first.
+
+    A class rather than an async generator: a generator left suspended when the daemon stops
+    would be finalized by the garbage collector, outside trio.
+    """
+
+    def __init__(self, captive: Captive, signals: AsyncIterator[int]) -> None:
+        self._captive = captive
+        self._signals = signals
+
+    def __aiter__(self) -> _Forwarding:
+        return self
+
+    async def __anext__(self) -> int:
+        signum = await self._signals.__anext__()
+        self._captive.send_signal(signum)
+        return signum
