@@ -78,6 +78,7 @@ class Progress:
                 file=out,
                 leave=False,
                 dynamic_ncols=True,
+                mininterval=min(every, 0.1),  # tqdm's own rate, or faster when asked
             )
 
     def advance(self, amount: int = 1) -> None:
