@@ -126,6 +126,18 @@ def _listen_address(value: str) -> str:
     return value
 
 
+def _metrics_address(value: str | None) -> str | None:
+    """``--metrics`` is TCP only: a unix socket path is no address Prometheus can scrape."""
+    if value is None:
+        return None
+    where = parse_listen(value) if "/" not in value else None
+    if where is None or where.path is not None:
+        raise ValueError(
+            f"invalid metrics address {value!r}: expected HOST:PORT (TCP), such as 127.0.0.1:9100"
+        )
+    return value
+
+
 def _key_spec(value: str | None) -> str | None:
     return check_key_spec(value)
 
@@ -289,6 +301,14 @@ class CommonSettings(BaseSettings):
     )
     log_level: Annotated[LogLevel, Flag(group="general")] = Field(
         "info", description="logging threshold"
+    )
+    metrics: Annotated[
+        str | None, AfterValidator(_metrics_address), Flag("HOST:PORT", group="general")
+    ] = Field(
+        None,
+        description="serve Prometheus metrics at http://HOST:PORT/metrics (requests, errors, "
+        "latency, connections, the driver's figures); off by default, :PORT for every "
+        "interface, port 0 for any free one",
     )
     tls: Annotated[TLSMode, Flag(group="tls")] = Field(
         "off",

@@ -242,6 +242,9 @@ def run(command: Command, argv: Sequence[str] | None = None) -> int:
                 socket_mode=settings.socket_mode,
                 tls=tls,
                 captive=captive,
+                driver=driver.name,
+                driver_metrics=driver.metrics,
+                metrics=parse_listen(settings.metrics) if settings.metrics else None,
             )
         )
     except* OSError as group:

@@ -19,10 +19,13 @@ from .._device import Device
 from .._export import Export
 from .._limits import Limits, raise_file_limit
 from .._listen import Listen, uri_for
+from .._monitor import MetricsEndpoint, Monitor
 from .._notify import ready, stopping
 from .._server import Server, open_tcp_listeners, open_unix_listener
+from .._status import publish_status
 from .._tls import ServerTLS
 from ..kernel import Attached, KernelExport, KernelOptions
+from ..metrics import Metric
 from ._captive import Captive
 
 __all__ = ["DeviceFailed", "serve"]
@@ -54,6 +57,9 @@ async def serve(
     socket_mode: int = 0o600,
     tls: ServerTLS | None = None,
     captive: Captive | None = None,
+    driver: str = "",
+    driver_metrics: Sequence[Metric] = (),
+    metrics: Listen | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``device`` on ``listen`` and/or to the kernel until SIGINT, SIGTERM or SIGHUP,
@@ -64,6 +70,10 @@ async def serve(
     Under systemd (``NOTIFY_SOCKET``) it reports READY=1 once every listener accepts and the
     kernel device is attached, and STOPPING=1 when a stop begins. With ``captive``
     (``--run``) it also serves a private socket, runs the command there and stops when it exits.
+
+    Its figures (a :class:`Monitor` over the export, the server, the kernel device and the
+    ``driver``'s declared ``driver_metrics``) go to a status file for ``usbdsrvd status``,
+    to the log on SIGUSR1, and to Prometheus at ``metrics`` (``--metrics``) if given.
     """
     if listen:  # room for --max-connections: not the kernel's few sockets
         raise_file_limit(limits or Limits())
@@ -71,20 +81,28 @@ async def serve(
     # kernel attaches stops the daemon cleanly once it is up (not a KeyboardInterrupt).
     # SIGHUP too: a daemon started from a terminal that is then closed must stop as on
     # SIGTERM (flush, close, upload), not die as the default action would have it.
+    # SIGUSR1 (log the figures) from the start as well: its default action would kill.
     with (
         trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals,
+        trio.open_signal_receiver(signal.SIGUSR1) as reports,
         contextlib.ExitStack() as stack,
     ):
         stops: AsyncIterator[int] = signals
         if captive is not None:  # its socket is the last listener; it hears every signal
             listen = [*listen, stack.enter_context(captive.private_socket())]
             stops = captive.forward(signals)
+        export = Export(device, export_name, description, read_only=read_only)
+        monitor = Monitor(export, prog=prog, driver=driver, declared=driver_metrics)
+        if metrics is not None:  # a port that cannot be had stops the start (OSError)
+            endpoint = MetricsEndpoint(monitor, metrics.host, metrics.port)
+            stack.callback(endpoint.close)
+            print(f"{prog} is serving metrics on {endpoint.url}", flush=True)
         await _serve(
-            Export(device, export_name, description, read_only=read_only),
+            monitor,
             listen,
             kernel,
-            prog,
             stops,
+            reports,
             task_status,
             limits,
             socket_mode,
@@ -94,17 +112,18 @@ async def serve(
 
 
 async def _serve(
-    export: Export,
+    monitor: Monitor,
     listen: Sequence[Listen],
     kernel: KernelOptions | None,
-    prog: str,
     signals: AsyncIterator[int],
+    reports: AsyncIterator[int],
     task_status: trio.TaskStatus[list[str]],
     limits: Limits | None = None,
     socket_mode: int = 0o600,
     tls: ServerTLS | None = None,
     captive: Captive | None = None,
 ) -> None:
+    export, prog = monitor.export, monitor.prog
     try:
         listeners: list[trio.SocketListener] = []
         for where in listen:
@@ -116,7 +135,9 @@ async def _serve(
         uris = [uri_for(listener, export.name, tls=required) for listener in listeners]
         async with trio.open_nursery() as nursery:
             if listeners:
-                await nursery.start(Server([export], limits=limits, tls=tls).serve, listeners)
+                monitor.server = server = Server([export], limits=limits, tls=tls)
+                await nursery.start(server.serve, listeners)
+            monitor.listen = list(uris)
             for uri in uris:
                 print(f"{prog} is serving {uri}", flush=True)
             if uris:
@@ -125,9 +146,10 @@ async def _serve(
             serving = list(uris)
             if kernel is not None:
                 attachment = KernelExport(export, kernel)
-                await nursery.start(_run_kernel, attachment, nursery.cancel_scope)
+                await nursery.start(_run_kernel, attachment, monitor, nursery.cancel_scope)
                 assert attachment.attached is not None
                 attached = attachment.attached
+                monitor.kernel, monitor.kernel_live = attached, True
                 how = "re-attached" if attached.reattached else "attached"
                 log.info(
                     "%s %s via %s with %d connection(s)",
@@ -141,6 +163,8 @@ async def _serve(
             ready(f"serving {', '.join(serving)}")
             task_status.started(uris)
             nursery.start_soon(_watch_for_failure, export.device, attachment)
+            nursery.start_soon(publish_status, monitor)
+            nursery.start_soon(_report, monitor, reports)
             if captive is not None:
                 nursery.start_soon(captive.run, uris[-1], attachment, nursery.cancel_scope)
             await _wait_for_stop(prog, attachment, signals)
@@ -162,6 +186,7 @@ async def _serve(
 
 async def _run_kernel(
     attachment: KernelExport,
+    monitor: Monitor,
     scope: trio.CancelScope,
     *,
     task_status: trio.TaskStatus[Attached] = trio.TASK_STATUS_IGNORED,
@@ -170,7 +195,14 @@ async def _run_kernel(
     try:
         await attachment.run(task_status=task_status)
     finally:
+        monitor.kernel_live = False
         scope.cancel()
+
+
+async def _report(monitor: Monitor, reports: AsyncIterator[int]) -> None:
+    """SIGUSR1: the figures, one line in the log (as dd and s3backer's stats do)."""
+    async for _ in reports:
+        log.info("%s statistics: %s", monitor.prog, monitor.summary())
 
 
 async def _watch_for_failure(device: Device, attachment: KernelExport | None) -> None:
