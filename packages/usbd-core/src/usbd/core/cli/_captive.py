@@ -59,10 +59,13 @@ class Captive:
     when it exits.
     """
 
-    def __init__(self, command: str, *, export_name: str = "", tls: TLSMode = "off") -> None:
+    def __init__(
+        self, command: str, *, export_name: str = "", tls: TLSMode = "off", grace: float = GRACE
+    ) -> None:
         self.command = command
         self.export_name = export_name
         self.tls = tls
+        self.grace = grace
         #: The command's exit status (128+N if killed by signal N); None until it ended.
         self.status: int | None = None
         self.socket_path: str | None = None
@@ -145,11 +148,11 @@ class Captive:
 
     async def _end(self, process: trio.Process) -> None:
         """How a cancelled run ends the command: SIGTERM unless a signal was forwarded, then
-        :data:`GRACE` seconds to exit (run_process cancels this once it has), then SIGKILL."""
+        ``grace`` seconds to exit (run_process cancels this once it has), then SIGKILL."""
         if not self._signalled:
             self.send_signal(signal.SIGTERM)
-        await trio.sleep(GRACE)
-        log.warning("the --run command did not exit %g s after a signal: killing it", GRACE)
+        await trio.sleep(self.grace)
+        log.warning("the --run command did not exit %g s after a signal: killing it", self.grace)
         with contextlib.suppress(ProcessLookupError):
             process.kill()
 
