@@ -520,6 +520,19 @@ BAD_INPUTS = [
         env={"USBD_CONFIG": "{dir}/missing.toml"},
         progs=SRVD,
     ),
+    Bad(
+        "metrics-unix-path",
+        ("-metrics=/tmp/metrics.sock",),
+        "-metrics: invalid metrics address '/tmp/metrics.sock'",
+        ("expected HOST:PORT (TCP",),
+    ),
+    Bad(
+        "metrics-bad-port",
+        ("--metrics", "127.0.0.1:99999"),
+        "-metrics: invalid metrics address '127.0.0.1:99999'",
+        ("port 0 to 65535",),
+        progs=SRVD,
+    ),
     *OBJSTORE_BAD,
     *DEDUP_BAD,
 ]

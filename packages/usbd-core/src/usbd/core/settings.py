@@ -130,10 +130,14 @@ def _metrics_address(value: str | None) -> str | None:
     """``--metrics`` is TCP only: a unix socket path is no address Prometheus can scrape."""
     if value is None:
         return None
-    where = parse_listen(value) if "/" not in value else None
+    try:
+        where = parse_listen(value)
+    except ValueError:
+        where = None
     if where is None or where.path is not None:
         raise ValueError(
-            f"invalid metrics address {value!r}: expected HOST:PORT (TCP), such as 127.0.0.1:9100"
+            f"invalid metrics address {value!r}: expected HOST:PORT (TCP, port 0 to 65535), "
+            "such as 127.0.0.1:9100"
         )
     return value
 

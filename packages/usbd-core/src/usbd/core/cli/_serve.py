@@ -94,9 +94,14 @@ async def serve(
         export = Export(device, export_name, description, read_only=read_only)
         monitor = Monitor(export, prog=prog, driver=driver, declared=driver_metrics)
         if metrics is not None:  # a port that cannot be had stops the start (OSError)
-            endpoint = MetricsEndpoint(monitor, metrics.host, metrics.port)
+            try:
+                endpoint = MetricsEndpoint(monitor, metrics.host, metrics.port)
+            except OSError:
+                with trio.CancelScope(shield=True):  # the device was opened: close it once
+                    await export.aclose()
+                raise
             stack.callback(endpoint.close)
-            print(f"{prog} is serving metrics on {endpoint.url}", flush=True)
+            print(f"{prog} publishes metrics at {endpoint.url}", flush=True)
         await _serve(
             monitor,
             listen,

@@ -1,0 +1,161 @@
+"""--metrics against the real tools: a usbd-ramdisk process scraped over HTTP, the text checked
+by Prometheus' own ``promtool check metrics``, the values against the work a python3-libnbd
+client did; SIGUSR1's line; an address that cannot be had."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Any
+
+import pytest
+from conftest import STOP_TIMEOUT, TOOL_TIMEOUT, Connect, ServerFactory, UsbdServer, require_tool
+from prometheus_client.parser import text_string_to_metric_families
+
+from usbd.core import __version__
+
+KiB = 1024
+
+
+def metrics_url(server: UsbdServer) -> str:
+    deadline = time.monotonic() + 30
+    while True:
+        found = re.search(r"publishes metrics at (\S+)", server.output())
+        if found:
+            return found.group(1)
+        assert time.monotonic() < deadline, server.output()
+        time.sleep(0.05)
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=TOOL_TIMEOUT) as reply:
+        assert reply.status == 200
+        assert reply.headers["Content-Type"].startswith("text/plain")
+        return str(reply.read().decode())
+
+
+def samples(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}"] = sample.value
+    return out
+
+
+def promtool_check(text: str) -> None:
+    promtool = require_tool("promtool")
+    result = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=text,
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{text}"
+
+
+@pytest.fixture
+def metered(start_server: ServerFactory) -> UsbdServer:
+    return start_server("unix", size=8 << 20, extra=["--metrics", "127.0.0.1:0"])
+
+
+def test_the_scrape_passes_promtool_and_counts_the_clients_work(
+    metered: UsbdServer, connect: Connect, libnbd: Any
+) -> None:
+    url = metrics_url(metered)
+    assert url.startswith("http://127.0.0.1:")
+    h = connect(metered.uri, strict=0)  # strict 0: the past-the-end read reaches the server
+    for n in range(10):
+        h.pwrite(bytes([n]) * 64 * KiB, n * 64 * KiB)
+    for n in range(5):
+        assert h.pread(4 * KiB, n * 64 * KiB) == bytes([n]) * 4 * KiB
+    h.flush()
+    h.trim(64 * KiB, 0)
+    h.zero(64 * KiB, 64 * KiB)
+    with pytest.raises(libnbd.Error):
+        h.pread(4 * KiB, metered.size)
+    text = scrape(url)
+    promtool_check(text)
+    values = samples(text)
+    e = "export=interop"
+
+    def series(name: str, **labels: str) -> float:
+        parts = sorted([e, *(f"{k}={v}" for k, v in labels.items())])
+        return values[f"{name}{{{','.join(parts)}}}"]
+
+    assert series("usbd_requests_total", command="write") == 10
+    assert series("usbd_requests_total", command="read") == 6
+    assert series("usbd_requests_total", command="flush") == 1
+    assert series("usbd_requests_total", command="trim") == 1
+    assert series("usbd_requests_total", command="write_zeroes") == 1
+    assert series("usbd_request_bytes_total", command="write") == 640 * KiB
+    assert series("usbd_request_bytes_total", command="read") == 6 * 4 * KiB
+    assert series("usbd_request_bytes_total", command="trim") == 64 * KiB
+    errors = {k: v for k, v in values.items() if k.startswith("usbd_request_errors_total")}
+    assert errors == {"usbd_request_errors_total{errno=EINVAL,export=interop}": 1}
+    assert series("usbd_request_duration_seconds_count", command="flush") == 1
+    assert series("usbd_request_duration_seconds_count", command="trim") == 1
+    assert series("usbd_connections_open") == 1
+    assert series("usbd_connections_total") == 1
+    assert series("usbd_requests_in_flight") == 0
+    assert series("usbd_export_size_bytes") == 8 << 20
+    assert values["usbd_network_connections_refused_total{}"] == 0
+    assert values["process_resident_memory_bytes{}"] > 0
+    info = [k for k in values if k.startswith("usbd_info{")]
+    assert info == [
+        f"usbd_info{{driver=mem,export=interop,prog=usbd-ramdisk,version={__version__}}}"
+    ]
+    h.shutdown()
+    deadline = time.monotonic() + 30
+    while samples(scrape(url))[f"usbd_connections_open{{{e}}}"] != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_sigusr1_logs_the_figures(metered: UsbdServer, connect: Connect) -> None:
+    h = connect(metered.uri)
+    h.pwrite(bytes(4 * KiB), 0)
+    metered.process.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 30
+    while "statistics:" not in metered.log():
+        assert time.monotonic() < deadline, metered.log()
+        time.sleep(0.05)
+    line = next(line for line in metered.log().splitlines() if "statistics:" in line)
+    assert "usbd-ramdisk statistics: size 8.0 MiB, 1 connection(s)" in line
+    assert "1 request(s) served" in line
+
+
+def test_a_metrics_port_in_use_stops_the_start_with_status_1(tmp_path: Any) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "usbd.ramdisk",
+                "--listen",
+                str(tmp_path / "s.sock"),
+                "--metrics",
+                f"127.0.0.1:{port}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=STOP_TIMEOUT,
+            check=False,
+        )
+    finally:
+        taken.close()
+    assert result.returncode == 1, result
+    assert "usbd-ramdisk: error:" in result.stderr
+    assert "Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
