@@ -1,16 +1,22 @@
-"""The configuration reference (docs/configuration.md), written from the settings models.
+"""The references written from the code: the configuration (docs/configuration.md, from the
+settings models) and the metrics (in docs/operations.md, from the engine's series and each
+driver's declarations).
 
-Generated rather than written so that it cannot drift from the flags: a test regenerates it
-and compares.
+Generated rather than written so that they cannot drift from the code: tests regenerate them
+and compare.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from .._monitor import CORE_METRICS
+from ..driver import AnyDriver
 from ._config import settings_class
 from ._main import Command
 from ._options import GROUPS, Option, option_table
 
-__all__ = ["config_reference"]
+__all__ = ["config_reference", "metrics_reference"]
 
 _INTRO = """\
 # Configuration reference
@@ -96,3 +102,39 @@ def config_reference(command: Command) -> str:
             lines += [notes[group], ""]
         lines += [*header, *rows, ""] if rows else ["No options of its own.", ""]
     return "\n".join(lines)
+
+
+def metrics_reference(drivers: Sequence[AnyDriver]) -> str:
+    """Markdown tables of every series ``--metrics`` can expose: the engine's, then each of
+    ``drivers``' declared figures (in name order), with the headline ones marked."""
+    lines = [
+        "### The engine's series",
+        "",
+        "| series | type | labels | meaning |",
+        "| --- | --- | --- | --- |",
+    ]
+    for core in CORE_METRICS:
+        labels = ", ".join(f"`{label}`" for label in core.labels)
+        lines.append(f"| `{core.name}` | {core.kind} | {labels} | {_cell(core.help)} |")
+    lines += [
+        "",
+        "Besides these, prometheus-client's process series: `process_resident_memory_bytes`, "
+        "`process_cpu_seconds_total`, `process_open_fds` and the others of its "
+        "`ProcessCollector`.",
+    ]
+    for driver in sorted(drivers, key=lambda d: d.name):
+        lines += ["", f"### Driver `{driver.name}`", ""]
+        if not driver.metrics:
+            lines.append("No figures of its own.")
+            continue
+        lines += [
+            "| series | type | in status | meaning |",
+            "| --- | --- | --- | --- |",
+        ]
+        for metric in driver.metrics:
+            headline = "yes" if metric.headline else ""
+            lines.append(
+                f"| `{metric.exposed_name(driver.name)}` | {metric.kind} | {headline} | "
+                f"{_cell(metric.help)} |"
+            )
+    return "\n".join(lines) + "\n"
