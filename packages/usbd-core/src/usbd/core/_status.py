@@ -1,9 +1,11 @@
 """Status files: how ``usbdsrvd status`` finds every usbd daemon on the machine and its figures.
 
 Each serving daemon keeps one JSON file, ``<pid>.json``, in a status directory
-(:func:`status_dirs`): the :meth:`~usbd.core._monitor.Monitor.figures` snapshot, rewritten
-every :data:`REFRESH` seconds (atomically: a reader never sees half a file) and removed when
-the daemon stops. A file whose pid is gone is a daemon killed before it could remove it.
+(:func:`status_dirs`; ``$USBD_STATUS_DIR`` names the only one): the
+:meth:`~usbd.core._monitor.Monitor.figures` snapshot, rewritten every :data:`REFRESH` seconds
+(atomically: a reader never sees half a file) and removed when the daemon stops. A file whose
+pid is gone is a daemon killed before it could remove it; ``usbdsrvd status``
+(:mod:`usbd.core.cli._status`) reads every user's directories (:func:`reading_dirs`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -19,7 +22,14 @@ import trio
 
 from ._monitor import Monitor
 
-__all__ = ["REFRESH", "publish_status", "status_dirs", "write_status"]
+__all__ = [
+    "REFRESH",
+    "STATUS_DIR_ENV",
+    "publish_status",
+    "reading_dirs",
+    "status_dirs",
+    "write_status",
+]
 
 log = logging.getLogger("usbd")
 
@@ -27,9 +37,17 @@ log = logging.getLogger("usbd")
 REFRESH = 2.0
 
 
+#: Names one directory where daemons write their status files and ``usbdsrvd status``
+#: reads them, instead of the usual ones: for tests and for separate groups of daemons.
+STATUS_DIR_ENV = "USBD_STATUS_DIR"
+
+
 def status_dirs() -> list[Path]:
-    """Where status files live, the one this process writes to first: /run/usbd for root,
-    else $XDG_RUNTIME_DIR/usbd (or /tmp/usbd-<uid>); a reader looks in all of them."""
+    """Where this process writes its status file, the first writable of: /run/usbd for root,
+    else $XDG_RUNTIME_DIR/usbd, then /tmp/usbd-<uid>; only $USBD_STATUS_DIR when it is set."""
+    chosen = os.environ.get(STATUS_DIR_ENV)
+    if chosen:
+        return [Path(chosen)]
     dirs = [Path("/run/usbd")]
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
@@ -38,6 +56,30 @@ def status_dirs() -> list[Path]:
     if os.geteuid() != 0:
         dirs.append(dirs.pop(0))
     return dirs
+
+
+def reading_dirs() -> list[Path]:
+    """Where ``usbdsrvd status`` looks: every user's status directories, not only the ones
+    this user would write to (root lists a user's daemons, a user sees root's), this user's
+    first; only $USBD_STATUS_DIR when it is set. Some may not exist or not be readable."""
+    dirs = status_dirs()
+    if os.environ.get(STATUS_DIR_ENV):
+        return dirs
+    dirs += [Path("/run/usbd"), *_matching(Path("/run/user"), r"\d+", "usbd")]
+    dirs += _matching(Path(tempfile.gettempdir()), r"usbd-\d+")
+    return list(dict.fromkeys(dirs))
+
+
+def _matching(parent: Path, pattern: str, below: str = "") -> list[Path]:
+    try:
+        names = sorted(os.listdir(parent))
+    except OSError:
+        return []
+    return [
+        parent / name / below if below else parent / name
+        for name in names
+        if re.fullmatch(pattern, name)
+    ]
 
 
 def write_status(monitor: Monitor, directory: Path) -> Path:

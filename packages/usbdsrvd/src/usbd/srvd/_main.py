@@ -15,7 +15,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from usbd.core.cli import STYLE_NOTE, Command, UsageError, run
+from usbd.core.cli import STYLE_NOTE, Command, UsageError, run, status_main
 from usbd.core.driver import AnyDriver, Found, discover_drivers
 from usbd.core.settings import CommonSettings, Flag
 
@@ -116,7 +116,8 @@ def command(found: Sequence[Found]) -> Command:
         prog="usbdsrvd",
         description="USBD Server: serves a block device of the chosen -dev-type as the next free "
         "/dev/nbdX (or the NBD_DEVICE given) and/or to NBD clients on -listen. With no "
-        "arguments: a 1 GiB RAM disk on the next free /dev/nbdX.",
+        "arguments: a 1 GiB RAM disk on the next free /dev/nbdX. 'usbdsrvd status [--json]' "
+        "lists the usbd daemons running on this machine (see 'usbdsrvd status --help').",
         drivers=list(drivers.values()),
         settings=SrvdSettings,
         select=lambda settings: choose_driver(
@@ -141,7 +142,14 @@ def _versions(found: Sequence[Found]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run(command(discover_drivers()), argv)
+    """``usbdsrvd status ...`` lists the daemons (:func:`usbd.core.cli.status_main`); anything
+    else is the daemon's flags. The subcommand is the first argument only, and is dispatched
+    before the drivers are discovered: listing needs none of them, and a flag's value can never
+    be taken for it."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["status"]:
+        return status_main(args[1:], prog="usbdsrvd status")
+    return run(command(discover_drivers()), args)
 
 
 if __name__ == "__main__":

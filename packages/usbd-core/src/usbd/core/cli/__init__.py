@@ -16,6 +16,7 @@ from ._main import Command, describe_options, kernel_options, main, run
 from ._options import Option, flag_info, option_table
 from ._reference import config_reference
 from ._serve import serve
+from ._status import status_main
 
 __all__ = [
     "STYLE_NOTE",
@@ -36,5 +37,6 @@ __all__ = [
     "run",
     "serve",
     "settings_class",
+    "status_main",
     "uri_for",
 ]
