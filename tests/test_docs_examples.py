@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import CollectorRegistry
 
 from usbd.core import Device, Export, TransmissionFlag
+from usbd.core._monitor import Monitor
 from usbd.core.cli import describe_options, load_settings, option_table, settings_class
 from usbd.core.settings import CommonSettings
 from usbd.core.testing import MakeDevice, PersistentDeviceTests, ReopenDevice
@@ -93,3 +96,21 @@ def test_the_driver_example_of_cli_md_takes_its_options_from_every_source(
     shown = describe_options(options.model_copy(update={"aeskey": f"key:{hexkey}"}))
     assert "aeskey=<REDACTED>" in shown
     assert hexkey not in shown
+
+
+def test_the_metrics_example_of_writing_a_device_is_exposed_as_the_page_says() -> None:
+    example = python_block("docs/writing-a-device.md", "TallyDisk")
+    driver = example["driver"]
+    device = example["TallyDisk"](1 << 20)
+    device.write(0, memoryview(b"x" * 5000), False)
+    device.write(8192, memoryview(b"y"), False)
+    assert device.read(4094, 4) == b"xxxx"
+    monitor = Monitor(
+        Export(device), prog="usbd-tally", driver=driver.name, declared=driver.metrics
+    )
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(monitor)
+    text = generate_latest(registry).decode()
+    assert "usbd_tally_held_bytes 12288.0" in text  # three blocks touched
+    assert "usbd_tally_writes_total 2.0" in text
+    assert monitor.summary().startswith("held bytes 12 KiB, size 1.0 MiB")
