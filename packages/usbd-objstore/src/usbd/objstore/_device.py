@@ -22,16 +22,20 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import IO, Literal
 
 from usbd.core import BytesLike, Device, DeviceError, Extent, ExtentFlag, Fua, format_size
+from usbd.core.progress import LOG_EVERY, Progress, progress
 
 from ._cache import CacheFiles, SavedState
 from ._chunks import Chunks, Frozen, Slot
 from ._codec import IntegrityError, Kind
 from ._manifest import CommitUncertain, Fenced, commit, data_key, seq_of_base
+from ._metrics import figures
 from ._store import StoreError
 from ._uploader import Uploader
 from ._volume import OpenError, Volume
@@ -43,6 +47,11 @@ log = logging.getLogger("usbd.objstore")
 _HOLE = ExtentFlag.HOLE | ExtentFlag.ZERO
 #: How long close keeps trying to upload what is dirty when the store does not answer.
 CLOSE_TIMEOUT = 60.0
+#: How the long work of open and close (listing the bucket, uploading what is dirty) shows
+#: its progress: usbd.core.progress's ``every``, ``bar`` and ``stream`` (tests change them).
+PROGRESS_EVERY = LOG_EVERY
+PROGRESS_BAR: bool | None = None
+PROGRESS_STREAM: IO[str] | None = None
 
 
 class CacheConflict(OpenError):
@@ -89,6 +98,12 @@ class ObjStoreDevice(Device):
         self._recent_lock = threading.Lock()
         self._ahead: set[int] = set()
         self._trusted = False
+        #: Figures for the metrics (see ``metrics``): plain ints bumped where the work is.
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self.evictions = 0
+        self.downloaded_objects = 0
+        self.downloaded_bytes = 0
         self.chunks = Chunks(cache_objects, self._evict, self._want_round, self._failure)
         self.chunks.remote = dict(volume.manifest.chunks)
         self.files = self._open_cache(cache_dir)
@@ -212,8 +227,11 @@ class ObjStoreDevice(Device):
         uploader = self.uploader
         uploader.deadline = time.monotonic() + self.timeout
         try:
-            done = uploader.round()
+            with self._progress("uploading the recovered objects", self._dirty_bytes()) as shown:
+                uploader.on_done = shown.advance
+                done = uploader.round()
         finally:
+            uploader.on_done = None
             uploader.deadline = None
         if not done or self.chunks.dirty:
             uploader.close()
@@ -254,6 +272,7 @@ class ObjStoreDevice(Device):
             raise OpenError(f"volume {self.name!r}: could not commit a new epoch: {exc}") from None
         volume.manifest = manifest
         self.uploader.manifest = manifest
+        self.uploader.committed_now()
 
     # -- chunk arithmetic -------------------------------------------------------------------
 
@@ -294,6 +313,8 @@ class ObjStoreDevice(Device):
             message = f"{key}: {len(data)} bytes, the chunk has {self._span(chunk)[1]}"
             log.error("%s", message)
             raise DeviceError(errno.EIO, message)
+        self.downloaded_objects += 1
+        self.downloaded_bytes += len(data)
         return data
 
     def _load(self, chunk: int, *, for_write: bool) -> bytes | None:
@@ -355,6 +376,7 @@ class ObjStoreDevice(Device):
     def _read_piece(self, chunk: int, inside: int, length: int) -> bytes:
         chunks = self.chunks
         start = chunk * self.object_size + inside
+        missed = False
         while True:
             with chunks.lock:
                 slot = chunks.held.get(chunk)
@@ -364,11 +386,16 @@ class ObjStoreDevice(Device):
                 elif chunk not in chunks.fetching and chunks.remote.get(chunk, 0) == 0:
                     return bytes(length)
             if slot is not None:
+                if not missed:
+                    self.cache_hits += 1
                 try:
                     return self.files.read(start, length)
                 finally:
                     with chunks.lock:
                         chunks.unpin(slot)
+            if not missed:
+                missed = True
+                self.cache_misses += 1
             data = self._load(chunk, for_write=False)
             if data is not None:
                 return (
@@ -404,7 +431,10 @@ class ObjStoreDevice(Device):
         # Read-ahead from here too: once objects read ahead are cached, the stream's reads are
         # answered here, and only asking here keeps the next objects coming.
         self._read_ahead(offset, length, chunk)
-        return buffer if got == length else None
+        if got != length:
+            return None
+        self.cache_hits += 1
+        return buffer
 
     def _sequential(self, offset: int, length: int) -> bool:
         """Whether reads look sequential: this one starts in or right after a chunk read
@@ -443,6 +473,22 @@ class ObjStoreDevice(Device):
 
     def _chunk_count(self) -> int:
         return -(-self.size // self.object_size)
+
+    def _dirty_bytes(self) -> int:
+        with self.chunks.lock:
+            return sum(self._span(chunk)[1] for chunk in self.chunks.dirty)
+
+    def _progress(
+        self, what: str, total: int | None, unit: Literal["B", "items"] = "B"
+    ) -> AbstractContextManager[Progress]:
+        return progress(
+            f"{self.name}: {what}",
+            total,
+            unit=unit,
+            every=PROGRESS_EVERY,
+            bar=PROGRESS_BAR,
+            stream=PROGRESS_STREAM,
+        )
 
     def _prefetch(self, chunk: int) -> None:
         try:
@@ -567,7 +613,12 @@ class ObjStoreDevice(Device):
     def flush(self) -> None:
         self._check()
         if self.persistent:
+            chunks = self.chunks
+            chunks.flushes += 1
+            began = chunks.flushes
             self._save(sync=True)
+            # Every chunk dirty before this FLUSH began now holds acknowledged writes.
+            chunks.acknowledged = max(chunks.acknowledged, began)
             return
         uploader = self.uploader
         start = time.monotonic()
@@ -626,8 +677,13 @@ class ObjStoreDevice(Device):
         """Fenced or lost the lease: the daemon stops with this (see ``Device.failed``)."""
         return self.uploader.failure
 
+    def metrics(self) -> Mapping[str, float]:
+        """The figures of ``usbd.objstore._metrics`` (read without locks, as asked)."""
+        return figures(self)
+
     def _evict(self, chunk: int) -> None:
         """Called with the lock held: the chunk's bytes go (it is clean: the bucket has them)."""
+        self.evictions += 1
         self.files.punch(*self._span(chunk))
 
     def _want_round(self) -> None:
@@ -694,13 +750,17 @@ class ObjStoreDevice(Device):
             named.add(manifest.base["key"])
         doomed = []
         try:
-            for key in store.list(f"{self.name}/data/", deadline=time.monotonic() + 600):
-                generation = int(key.rsplit(".", 1)[1], 16)
-                if key not in named and generation >> 32 < manifest.epoch:
-                    doomed.append(key)
-            for key in store.list(f"{self.name}/meta/", deadline=time.monotonic() + 600):
-                if key not in named and seq_of_base(key) <= manifest.seq:
-                    doomed.append(key)
+            # A bucket of a large volume lists for minutes (1,000 keys a request): say so.
+            with self._progress("listing the bucket for leftovers", None, "items") as listed:
+                for key in store.list(f"{self.name}/data/", deadline=time.monotonic() + 600):
+                    listed.advance()
+                    generation = int(key.rsplit(".", 1)[1], 16)
+                    if key not in named and generation >> 32 < manifest.epoch:
+                        doomed.append(key)
+                for key in store.list(f"{self.name}/meta/", deadline=time.monotonic() + 600):
+                    listed.advance()
+                    if key not in named and seq_of_base(key) <= manifest.seq:
+                        doomed.append(key)
             if doomed:
                 store.delete(doomed, deadline=time.monotonic() + 600)
                 log.info("%s: deleted %d object(s) no commit names", self.name, len(doomed))
@@ -717,10 +777,16 @@ class ObjStoreDevice(Device):
         uploader.stop()
         self._fetchers.shutdown(wait=True, cancel_futures=True)
         try:
-            while self.chunks.dirty and uploader.failure is None and uploader.round():
-                pass
+            total = self._dirty_bytes()
+            if total:
+                with self._progress("uploading before the stop", total) as shown:
+                    uploader.on_done = shown.advance
+                    while self.chunks.dirty and uploader.failure is None and uploader.round():
+                        pass
         except Exception:
             log.exception("final upload of %s failed", self.name)
+        finally:
+            uploader.on_done = None
         uploader.close()
         with self.chunks.lock:
             left = len(self.chunks.dirty)
@@ -753,5 +819,5 @@ class ObjStoreDevice(Device):
                 self.files.directory,
             )
         log.info(
-            "%s: uploaded %s in objects this run", self.name, format_size(uploader.uploaded_bytes)
+            "%s: uploaded %s in objects this run", self.name, format_size(uploader.stored_bytes)
         )

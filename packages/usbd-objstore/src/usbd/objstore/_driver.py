@@ -33,6 +33,7 @@ from usbd.core.settings import AesKeySpec, CommonSettings, Flag, Size
 
 from ._device import ObjStoreDevice
 from ._manifest import Params
+from ._metrics import METRICS
 from ._store import LocalStore, ObjectStore, S3Store
 from ._volume import open_volume
 
@@ -368,6 +369,7 @@ driver = Driver(
     create=_create,
     stores_data=True,
     describe=_describe,
+    metrics=METRICS,
 )
 
 

@@ -109,10 +109,18 @@ class Refused(StoreError):
 
 
 class ObjectStore:
-    """What the device uses of a store; each method may raise any :class:`StoreError`."""
+    """What the device uses of a store; each method may raise any :class:`StoreError`.
+
+    ``retried`` and ``gave_up`` are figures for the metrics, kept by the stores that retry
+    (:func:`retrying`): attempts that failed transiently and were tried again, and calls that
+    failed for good (their deadline passed, or the store refused). Plain ints, bumped on the
+    error paths only.
+    """
 
     #: For log lines and messages: where the objects are (never a secret).
     where: str = ""
+    retried: int = 0
+    gave_up: int = 0
 
     def get(self, key: str, deadline: Deadline = None) -> bytes:
         """The whole object."""
@@ -151,20 +159,28 @@ class ObjectStore:
         """Release connections."""
 
 
-def retrying(call: Callable[[], T], deadline: Deadline) -> T:
+def retrying(call: Callable[[], T], deadline: Deadline, counts: ObjectStore | None = None) -> T:
     """``call()``, retried on :class:`Unavailable` with backoff until ``deadline``. The last
-    failure is raised."""
+    failure is raised. ``counts`` is the store whose ``retried`` and ``gave_up`` count it."""
     delay = _BACKOFF_FIRST
     attempts = 0
     while True:
         try:
             return call()
+        except Refused:
+            if counts is not None:
+                counts.gave_up += 1
+            raise
         except Unavailable as exc:
             attempts += 1
             now = time.monotonic()
             limit = deadline() if callable(deadline) else deadline
             if limit is not None and now + delay > limit:
+                if counts is not None:
+                    counts.gave_up += 1
                 raise
+            if counts is not None:
+                counts.retried += 1
             if attempts in (1, 10) or attempts % 100 == 0:
                 log.warning("%s; retrying (attempt %d)", exc, attempts)
             time.sleep(delay * (0.5 + random.random() / 2))
@@ -254,7 +270,7 @@ class S3Store(ObjectStore):
         )
 
     def _call(self, what: str, key: str, call: Callable[[], T], deadline: Deadline) -> T:
-        return retrying(lambda: self._translate(what, key, call), deadline)
+        return retrying(lambda: self._translate(what, key, call), deadline, self)
 
     def _translate(self, what: str, key: str, call: Callable[[], T]) -> T:
         try:

@@ -15,6 +15,10 @@ A round, in the uploader's thread:
 
 Rounds run every ``flush_every`` seconds, when a FLUSH without a persistent cache asks (it then
 waits for a round that cut after it arrived), when writers wait for room, and at close.
+
+The uploader keeps its figures for the metrics as plain attributes (``uploaded_*``, ``queued``,
+``commits``, ``last_commit``), bumped where the work is done; the pool's threads bump theirs
+under the lock they already take for the generation counter.
 """
 
 from __future__ import annotations
@@ -83,7 +87,20 @@ class Uploader:
         self.deadline: float | None = None
         self._counter = 0
         self._counting = threading.Lock()
+        #: Objects and device bytes uploaded (zeros are not), and bytes as stored (compressed,
+        #: encrypted): what was sent.
+        self.uploaded_objects = 0
         self.uploaded_bytes = 0
+        self.stored_bytes = 0
+        #: Objects of the round under way not yet uploaded (0 between rounds).
+        self.queued = 0
+        #: Manifests committed this run (the epoch's at open included), and when the last one
+        #: was (time.time(); 0: none yet).
+        self.commits = 0
+        self.last_commit = 0.0
+        #: Called with the device bytes of each chunk of a round once it is done (uploaded, or
+        #: found to be zeros): close's progress.
+        self.on_done: Callable[[int], None] | None = None
         #: A commit that raised without saying whether it landed (see _commit).
         self._uncertain: Manifest | None = None
         #: When a store call last succeeded: a FLUSH gives up only when nothing has moved
@@ -131,6 +148,7 @@ class Uploader:
             for _chunk, slot, _version in cut:
                 slot.frozen = Frozen.PENDING
             self.cut += 1
+            self.queued = len(cut)
             number = self.cut
         committed = False
         try:
@@ -182,6 +200,7 @@ class Uploader:
                         self.cache.punch(*self._span(chunk), staged=True)
                     slot.frozen = Frozen.NONE
                 self.done = number
+                self.queued = 0
                 if committed:
                     self.committed = number
                 self.ended.notify_all()
@@ -227,7 +246,13 @@ class Uploader:
         except StoreError as exc:
             log.warning("commit of round %d failed: %s", number, exc)
             return None
+        self.committed_now()
         return garbage
+
+    def committed_now(self) -> None:
+        """A manifest was committed (a round's, or the device's new epoch)."""
+        self.commits += 1
+        self.last_commit = time.time()
 
     def _progress(self) -> None:
         self.last_progress = time.monotonic()
@@ -244,14 +269,25 @@ class Uploader:
             with self.chunks.lock:
                 slot.frozen = Frozen.TAKEN if slot.frozen is Frozen.PENDING else slot.frozen
         if _zero(data):
+            self._done(length)
             return 0
         generation = self._generation()
         blob = self.codec.seal(Kind.DATA, chunk, generation, data)
         self.store.put(data_key(self.name, chunk, generation), blob, deadline=self._deadline)
         self._progress()
         with self._counting:
-            self.uploaded_bytes += len(blob)
+            self.uploaded_objects += 1
+            self.uploaded_bytes += length
+            self.stored_bytes += len(blob)
+        self._done(length)
         return generation
+
+    def _done(self, length: int) -> None:
+        with self._counting:
+            self.queued = max(0, self.queued - 1)
+        report = self.on_done
+        if report is not None:
+            report(length)
 
     def stop(self) -> None:
         self._stop.set()
