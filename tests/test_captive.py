@@ -16,13 +16,17 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
-from conftest import require_tool, run_tool
 
 from usbd.core.testing.certs import make_certificates
+
+# The client tools come through conftest's ``tools`` fixture (a missing one skips on a
+# developer's machine and fails in CI), not ``from conftest import``: with the packages'
+# tests in the same run (nox -s slow), that name is another directory's conftest.
+Tools = Callable[..., subprocess.CompletedProcess[str]]
 
 #: Ceilings, not expectations: generous so that a loaded machine does not fail a test.
 RUN_TIMEOUT = 120.0
@@ -108,8 +112,10 @@ def sockdir() -> Iterator[Path]:
 
 
 @pytest.mark.parametrize("prog", ["usbd-ramdisk", "usbdsrvd"])
-def test_nbdinfo_reads_the_size_through_the_private_socket(prog: str, tmp_path: Path) -> None:
-    require_tool("nbdinfo")
+def test_nbdinfo_reads_the_size_through_the_private_socket(
+    prog: str, tmp_path: Path, tools: Tools
+) -> None:
+    tools("nbdinfo", "--version")
     result = captive(prog, 'nbdinfo --json "$uri"', "--store-size", "16MiB", cwd=tmp_path)
     stopped_cleanly(result, prog, 0)
     lines = result.stdout.splitlines()
@@ -124,9 +130,9 @@ def test_nbdinfo_reads_the_size_through_the_private_socket(prog: str, tmp_path: 
 
 
 def test_the_command_gets_nbdkits_variables_and_any_listen_is_served_too(
-    tmp_path: Path, sockdir: Path
+    tmp_path: Path, sockdir: Path, tools: Tools
 ) -> None:
-    require_tool("nbdinfo")
+    tools("nbdinfo", "--version")
     extra = sockdir / "extra.sock"
     command = (
         'printf "%s\\n" "uri=$uri" "nbd=$nbd" "unixsocket=$unixsocket" '
@@ -162,8 +168,8 @@ def test_the_command_gets_nbdkits_variables_and_any_listen_is_served_too(
     assert not extra.exists(), report(result)
 
 
-def test_with_tls_required_the_uri_is_nbds_and_tls_is_2(tmp_path: Path) -> None:
-    require_tool("nbdinfo")
+def test_with_tls_required_the_uri_is_nbds_and_tls_is_2(tmp_path: Path, tools: Tools) -> None:
+    tools("nbdinfo", "--version")
     certs = make_certificates(tmp_path / "certs")
     command = (
         'echo "uri=$uri"; echo "tls=$tls"; '
@@ -204,14 +210,14 @@ def test_the_daemon_exits_with_the_commands_status(
 
 
 def test_an_image_written_by_qemu_img_is_read_back_by_nbdcopy_from_a_new_daemon(
-    tmp_path: Path,
+    tmp_path: Path, tools: Tools
 ) -> None:
     """Two usbd-filedisk runs on one store: the first daemon's writes are in the file once it
     exited (flushed and closed), and the second serves them to nbdcopy."""
-    require_tool("nbdcopy")
+    tools("nbdcopy", "--version")
     source, expected = tmp_path / "source.qcow2", tmp_path / "expected.raw"
-    run_tool("qemu-img", "create", "-q", "-f", "qcow2", str(source), "8M")
-    run_tool(
+    tools("qemu-img", "create", "-q", "-f", "qcow2", str(source), "8M")
+    tools(
         "qemu-io",
         "-f",
         "qcow2",
@@ -221,7 +227,7 @@ def test_an_image_written_by_qemu_img_is_read_back_by_nbdcopy_from_a_new_daemon(
         "write -q -P 0xa5 5M 512k",
         str(source),
     )
-    run_tool("qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(source), str(expected))
+    tools("qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(source), str(expected))
     store = tmp_path / "store"
     store.mkdir()
     disk = ["--store-dir", str(store), "--store-size", "8MiB"]

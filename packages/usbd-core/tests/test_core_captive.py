@@ -34,6 +34,10 @@ def test_a_command_killed_by_a_signal_is_128_plus_its_number(returncode: int, st
     assert exit_status(returncode) == status
 
 
+def test_a_daemon_stopped_before_the_command_ran_exits_1() -> None:
+    assert Captive("true").exit_code() == 1
+
+
 @pytest.mark.parametrize(("mode", "variable"), [("off", None), ("on", "1"), ("require", "2")])
 def test_the_environment_holds_nbdkits_variables(
     mode: str, variable: str | None, monkeypatch: pytest.MonkeyPatch

@@ -282,8 +282,8 @@ class CommonSettings(BaseSettings):
         None,
         description="captive mode, as nbdkit's --run: serve on a private unix socket too, run "
         "COMMAND with /bin/sh once serving ($uri, $nbd, $unixsocket, $exportname in its "
-        "environment), then stop and exit with its status; no kernel device unless --device "
-        "or --attach asks for one",
+        "environment), then stop and exit with its status; no kernel device unless one is "
+        "named or --attach asks for one",
     )
     attach: Annotated[Attach, Flag(group="kernel")] = Field(
         "auto",

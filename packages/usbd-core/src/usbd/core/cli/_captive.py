@@ -13,9 +13,10 @@ them too: ``$uri`` and ``$nbd`` (the same URI, as in nbdkit 1.24 and later), ``$
 daemon's, so it can be interactive.
 
 Stopping is the daemon's usual clean stop (flush, close, remove sockets) whatever starts it:
-the command's exit (the kernel device, if one was asked for, is detached first), a signal to
-the daemon (forwarded to the command, which gets a grace period to exit before SIGKILL), or the
-device failing (the command is terminated; the daemon exits 1).
+the command's exit (a kernel device, if one was asked for, is detached first, once nothing has
+it mounted or open), a signal to the daemon (forwarded to the command, which gets a grace
+period to exit before SIGKILL), or the device failing (the command is terminated; the daemon
+exits 1).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ log = logging.getLogger("usbd")
 
 #: Seconds the command has to exit after it was signalled, before it is killed.
 GRACE = 10.0
+#: Seconds between asking whether a kernel device the command left in use is free.
+IN_USE_POLL = 0.5
 
 #: ``$tls`` as nbdkit sets it for each --tls mode (unset when off).
 _TLS_VARIABLE: Mapping[TLSMode, str] = {"on": "1", "require": "2"}
@@ -71,6 +74,14 @@ class Captive:
         self.socket_path: str | None = None
         self._process: trio.Process | None = None
         self._signalled = False
+
+    def exit_code(self) -> int:
+        """The daemon's status after a clean stop: the command's, or 1 if the daemon was
+        stopped before the command ran (a script must not take that for success)."""
+        if self.status is None:
+            log.error("stopped before the --run command ran")
+            return 1
+        return self.status
 
     @contextlib.contextmanager
     def private_socket(self) -> Iterator[Listen]:
@@ -137,12 +148,7 @@ class Captive:
         else:
             log.info("the --run command exited with status %s: stopping", self.status)
         if attachment is not None and attachment.attached is not None:
-            if await attachment.in_use():
-                log.warning(
-                    "%s is still in use (mounted or open) after the --run command: "
-                    "detaching anyway",
-                    attachment.attached.path,
-                )
+            await _when_unused(attachment, attachment.attached.path)
             await attachment.detach()
         scope.cancel()
 
@@ -155,6 +161,21 @@ class Captive:
         log.warning("the --run command did not exit %g s after a signal: killing it", self.grace)
         with contextlib.suppress(ProcessLookupError):
             process.kill()
+
+
+async def _when_unused(attachment: KernelExport, path: str) -> None:
+    """Return once nothing has the kernel device mounted or open: detaching under a mounted
+    filesystem fails its I/O in flight, so a device the command left in use keeps being
+    served (a signal to the daemon then stops it as usual, the second one by force)."""
+    if not await attachment.in_use():
+        return
+    log.warning(
+        "%s is still in use (mounted or open) after the --run command: serving it until it "
+        "is not (unmount it; a second signal detaches it anyway)",
+        path,
+    )
+    while await attachment.in_use():
+        await trio.sleep(IN_USE_POLL)
 
 
 class _Forwarding:

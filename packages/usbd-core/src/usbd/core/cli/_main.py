@@ -255,8 +255,8 @@ def run(command: Command, argv: Sequence[str] | None = None) -> int:
         print(f"{prog}: error: {failure}", file=sys.stderr)
         return 1
     print(f"{prog} terminated normally.", flush=True)
-    if captive is not None and captive.status is not None:
-        return captive.status  # as nbdkit --run: the command's status is the daemon's
+    if captive is not None:
+        return captive.exit_code()  # as nbdkit --run: the command's status is the daemon's
     return 0
 
 
