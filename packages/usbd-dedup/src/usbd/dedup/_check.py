@@ -11,16 +11,26 @@ reads every used slot) content that no longer matches its hash.
 All repairs go in one synced WriteBatch, so a check interrupted by a crash changes nothing.
 It runs on a volume not in use: ``usbd-dedup --check``, and at open after an unclean stop
 (not ``deep`` then: that reads the whole store).
+
+Its progress (:mod:`usbd.core.progress`: a bar on a terminal, a log line every few seconds
+otherwise) counts the index entries scanned against what the last commit's counters say
+there are: each map entry once, each slot record twice (its record, its hash entry; the deep
+check reads the slot at the second), each free-list entry once. After a crash the counters
+may be off by the writes it lost, so the total is an estimate, not a promise.
 """
 
 from __future__ import annotations
 
+import logging
 from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import IO, TypeVar
 
 import plyvel
 
 from usbd.core import DeviceError
+from usbd.core.progress import LOG_EVERY, Progress, progress
 
 from ._blocks import BlockFiles
 from ._format import (
@@ -42,8 +52,14 @@ from ._format import (
 
 __all__ = ["Report", "check"]
 
+log = logging.getLogger("usbd.dedup")
+
 _USED = 1
 _FREE = 2
+#: Entries scanned between two updates of the progress (each takes its lock).
+_STEP = 4096
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -73,11 +89,43 @@ class Report:
         return "check: consistent"
 
 
-def check(db: plyvel.DB, files: BlockFiles, params: Params, *, deep: bool) -> Report:
-    """Check and repair a closed volume's index and files; the report says what was done."""
-    report = Report()
+def _counted(entries: Iterable[T], work: Progress) -> Iterator[T]:
+    """``entries`` as they are, counted into ``work`` every :data:`_STEP` of them."""
+    n = 0
+    for entry in entries:
+        yield entry
+        n += 1
+        if n == _STEP:
+            work.advance(n)
+            n = 0
+    work.advance(n)
+
+
+def check(
+    db: plyvel.DB,
+    files: BlockFiles,
+    params: Params,
+    *,
+    deep: bool,
+    every: float = LOG_EVERY,
+    bar: bool | None = None,
+    stream: IO[str] | None = None,
+) -> Report:
+    """Check and repair a closed volume's index and files; the report says what was done.
+    ``every``, ``bar`` and ``stream`` go to :func:`usbd.core.progress.progress` (the
+    seconds between log lines, a bar or not, where the bar goes)."""
     old_raw = db.get(STATE)
     old = State.unpack(old_raw) if old_raw is not None else State()
+    what = "checking (reading every stored block)" if deep else "checking"
+    total = old.mapped + 2 * old.unique + old.free
+    with progress(what, total, every=every, bar=bar, stream=stream, logger=log) as work:
+        return _check(db, files, params, old, deep, work)
+
+
+def _check(
+    db: plyvel.DB, files: BlockFiles, params: Params, old: State, deep: bool, work: Progress
+) -> Report:
+    report = Report()
     sizes = files.sizes
     block_size = params.block_size
     high = list(old.high)
@@ -92,7 +140,7 @@ def check(db: plyvel.DB, files: BlockFiles, params: Params, *, deep: bool) -> Re
         mapped = 0
         beyond = 0
         blocks = -(-params.size // block_size)
-        for key, value in db.iterator(prefix=b"m"):
+        for key, value in _counted(db.iterator(prefix=b"m"), work):
             number, ref = key_number(key), Ref.unpack(value)
             if number >= blocks:
                 batch.delete(key)
@@ -116,7 +164,7 @@ def check(db: plyvel.DB, files: BlockFiles, params: Params, *, deep: bool) -> Re
         leaked = wrong = outside = 0
         codec = Codec(False, block_size)
         unique = stored = 0
-        for key, value in db.iterator(prefix=b"r"):
+        for key, value in _counted(db.iterator(prefix=b"r"), work):
             slot = key_number(key)
             count, digest = unpack_count(value)
             if not inside(slot):
@@ -178,7 +226,7 @@ def check(db: plyvel.DB, files: BlockFiles, params: Params, *, deep: bool) -> Re
 
         # The hash index: each entry names a used slot with that content.
         stale = 0
-        for key, value in db.iterator(prefix=b"h"):
+        for key, value in _counted(db.iterator(prefix=b"h"), work):
             ref = Ref.unpack(value)
             if recorded(ref.slot) != key[1:]:
                 batch.delete(key)
@@ -192,7 +240,7 @@ def check(db: plyvel.DB, files: BlockFiles, params: Params, *, deep: bool) -> Re
 
         # The free list: only slots nobody uses.
         bad_free = free = 0
-        for key in db.iterator(prefix=b"f", include_value=False):
+        for key in _counted(db.iterator(prefix=b"f", include_value=False), work):
             slot = key_number(key)
             if not inside(slot) or marks[slot_class(slot)][slot_index(slot)] == _USED:
                 batch.delete(key)

@@ -11,6 +11,11 @@ FLUSH is a commit (:meth:`DedupStore.commit`): data fdatasynced, then the index 
 WriteBatch. A commit also runs every ``commit_every`` seconds and whenever the uncommitted
 changes pass a bound set by ``-dedup-memcache``, so that memory stays bounded and freed space
 goes back to the file system without waiting for a FLUSH.
+
+Its figures (:meth:`DedupDevice.metrics`, declared in :mod:`usbd.dedup._metrics`) are the
+store's running counters, read without a lock; the daemon's SIGUSR1 line and ``usbdsrvd
+status`` show the dedup and compression ratios. At close the device logs the statistics of
+the state it committed last.
 """
 
 from __future__ import annotations
@@ -18,14 +23,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import signal
 import threading
-from types import FrameType
 
 from usbd.core import BytesLike, Device, DeviceError, Extent, ExtentFlag, Fua
 
 from ._format import Ref
-from ._store import DedupStore
+from ._store import DedupStore, Stats
 from ._volume import Volume
 
 __all__ = ["DedupDevice"]
@@ -69,10 +72,6 @@ class DedupDevice(Device):
             target=self._commit_loop, name="usbd-dedup-commit", daemon=True
         )
         self._committer.start()
-        self._previous_usr1: object = None
-        # Not in the main thread (a test, a library), there is no signal to take.
-        with contextlib.suppress(ValueError):
-            self._previous_usr1 = signal.signal(signal.SIGUSR1, self._log_stats)
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -258,8 +257,36 @@ class DedupDevice(Device):
 
     # -- statistics and close --------------------------------------------------------------
 
-    def _log_stats(self, signum: int, frame: FrameType | None) -> None:
-        log.info("statistics: %s", self.store.stats().summary())
+    def metrics(self) -> dict[str, float]:
+        """The figures of :data:`usbd.dedup._metrics.METRICS`, read as they are (see that
+        module: no lock, nothing but an fstat per data file)."""
+        if self._closed:
+            return {}
+        store = self.store
+        stats = Stats(store.state, self.unit, self.size)  # the live counters, not a copy
+        state = stats.state
+        index = store.index
+        committing = index.committing
+        values: dict[str, float] = {
+            "dedup_ratio": stats.dedup_ratio,
+            "compression_ratio": stats.compression_ratio,
+            "logical_bytes": state.mapped * self.unit,
+            "stored_bytes": state.stored,
+            "mapped_blocks": state.mapped,
+            "unique_blocks": state.unique,
+            "free_slots": state.free,
+            "pending_changes": len(index.pending) + (len(committing) if committing else 0),
+            "commits": store.commits,
+            "last_commit_timestamp_seconds": store.last_commit,
+            "commit_failed": int(self.failed() is not None),
+            "written_bytes": state.written,
+            "index_cache_entries": index.cache.entries(),
+            "index_cache_hits": index.hits,
+            "index_cache_misses": index.misses,
+        }
+        with contextlib.suppress(OSError):  # closed meanwhile
+            values["allocated_bytes"] = store.files.allocated()
+        return values
 
     def close(self) -> None:
         if self._closed:
@@ -268,9 +295,6 @@ class DedupDevice(Device):
         self._stopping.set()
         self._wake.set()
         self._committer.join()
-        if self._previous_usr1 is not None:
-            with contextlib.suppress(ValueError):
-                signal.signal(signal.SIGUSR1, self._previous_usr1)  # type: ignore[arg-type]
         clean = False
         try:
             if self._failure is None and self.store.failure is None:

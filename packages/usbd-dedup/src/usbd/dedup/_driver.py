@@ -30,6 +30,7 @@ from usbd.core.settings import CommonSettings, Flag, Size
 from ._check import check
 from ._device import DedupDevice
 from ._format import CLEAN, MAX_BLOCK, MIN_BLOCK, STATE, State
+from ._metrics import METRICS
 from ._store import Stats
 from ._volume import open_closed, open_volume, volume_dir
 
@@ -175,6 +176,7 @@ driver = Driver(
         ),
         "stats": Action("print a volume's statistics (not in use), then exit", _stats),
     },
+    metrics=METRICS,
 )
 
 

@@ -103,6 +103,10 @@ class Cache:
         self.hashes: OrderedDict[bytes, Ref] = OrderedDict()
         self._bounds = (size // 2, size // 4, size // 4)
 
+    def entries(self) -> int:
+        """How many entries it holds now (three len() calls: safe from any thread)."""
+        return len(self.maps) + len(self.refs) + len(self.hashes)
+
     def put_blocks(self, items: Iterable[tuple[int, Ref | None]]) -> None:
         if self._bounds[0]:
             self.maps.update(items)
@@ -147,6 +151,10 @@ class Index:
     def __init__(self, db: plyvel.DB, cache_entries: int = 0) -> None:
         self.db = db
         self.cache = Cache(cache_entries)
+        #: Lookups of a single key that the cache answered, and those that asked LevelDB
+        #: (under the callers' lock, as every lookup: a plain increment each).
+        self.hits = 0
+        self.misses = 0
         self._pending = Changes()
         self.committing: Changes | None = None
         #: The layers newest first (kept, not built per lookup: lookups are the hot path).
@@ -180,7 +188,9 @@ class Index:
                 return found  # type: ignore[return-value]
         found = self.cache.maps.get(number, _MISSING)
         if found is not _MISSING:
+            self.hits += 1
             return found  # type: ignore[return-value]
+        self.misses += 1
         value = self.db.get(map_key(number))
         ref = None if value is None else Ref.unpack(value)
         self.cache.put_blocks(((number, ref),))
@@ -232,7 +242,9 @@ class Index:
                 return found  # type: ignore[return-value]
         found = self.cache.refs.get(slot, _MISSING)
         if found is not _MISSING:
+            self.hits += 1
             return found  # type: ignore[return-value]
+        self.misses += 1
         value = self.db.get(ref_key(slot))
         count = None if value is None else unpack_count(value)
         self.cache.put_count(slot, count)
@@ -245,7 +257,9 @@ class Index:
                 return found  # type: ignore[return-value]
         cached = self.cache.hashes.get(digest)
         if cached is not None:
+            self.hits += 1
             return cached
+        self.misses += 1
         value = self.db.get(hash_key(digest))
         if value is None:
             return None

@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno
 import logging
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -62,10 +63,21 @@ class Stats:
         self.block_size = block_size
         self.size = size
 
+    @property
+    def dedup_ratio(self) -> float:
+        """Blocks that are not zeros per stored copy (1.0 for an empty volume)."""
+        s = self.state
+        return s.mapped / s.unique if s.unique else 1.0
+
+    @property
+    def compression_ratio(self) -> float:
+        """The stored copies' bytes before compression per byte of their slots."""
+        s = self.state
+        return s.unique * self.block_size / s.stored if s.stored else 1.0
+
     def lines(self) -> list[tuple[str, str]]:
         s = self.state
-        dedup = s.mapped / s.unique if s.unique else 1.0
-        compression = s.unique * self.block_size / s.stored if s.stored else 1.0
+        dedup, compression = self.dedup_ratio, self.compression_ratio
         return [
             ("logical bytes", f"{s.written}"),
             ("mapped blocks", f"{s.mapped} ({s.mapped * self.block_size} bytes not zero)"),
@@ -136,6 +148,10 @@ class DedupStore:
         #: Why commits are refused from now on (see commit()).
         self.failure: str | None = None
         self._changed = False
+        #: Commits that wrote something, since the store was opened, and when the last one
+        #: ended (time.time(); 0 for none): figures for the device's metrics.
+        self.commits = 0
+        self.last_commit = 0.0
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -526,6 +542,8 @@ class DedupStore:
                     if self._deleted is not None:
                         low, high = min(low, self._deleted[0]), max(high, self._deleted[1])
                     self._deleted = (low, high)
+                self.commits += 1
+                self.last_commit = time.time()
             return True
 
     def compact(self) -> None:
