@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import itertools
 import logging
 import os
@@ -44,6 +45,7 @@ from usbd.filedisk import (
     StoreInUse,
     _device,
 )
+from usbd.filedisk._driver import driver
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -657,3 +659,83 @@ def test_direct_unaligned_writes_into_the_same_blocks_at_once(tmp_path: Path) ->
             assert set(data[inside : inside + 100]) <= {old[0], new[0]}, n
     finally:
         disk.close()
+
+
+# -- figures -------------------------------------------------------------------------------
+
+
+def test_the_declared_metrics_are_reported(tmp_path: Path) -> None:
+    disk = FileDisk(tmp_path / "m.bin", 16 * MiB)
+    try:
+        assert set(disk.metrics()) == {metric.name for metric in driver.metrics}
+        assert [m.name for m in driver.metrics if m.headline] == ["allocated_bytes"]
+    finally:
+        disk.close()
+    assert disk.metrics() == {}
+
+
+def test_allocated_bytes_grow_with_writes_and_fall_with_trim(tmp_path: Path) -> None:
+    """What the device reports is what du sees, and it moves by what was written and
+    trimmed (give or take the file system's metadata)."""
+    disk = FileDisk(tmp_path / "m.bin", 64 * MiB)
+    try:
+        first = disk.metrics()
+        assert first == {"allocated_bytes": 0, "size_bytes": 64 * MiB, "punch_holes": 1}
+        disk.write(8 * MiB, memoryview(os.urandom(24 * MiB)), False)
+        grown = disk.metrics()["allocated_bytes"]
+        assert grown == allocated(disk.path)
+        assert 24 * MiB <= grown <= 24 * MiB + 64 * KiB, grown
+        disk.flush()
+        assert disk.metrics()["allocated_bytes"] == allocated(disk.path)
+        disk.trim(8 * MiB, 16 * MiB, False)
+        trimmed = disk.metrics()["allocated_bytes"]
+        assert trimmed == allocated(disk.path)
+        assert 16 * MiB - 64 * KiB <= grown - trimmed <= 16 * MiB + 64 * KiB, (grown, trimmed)
+        assert disk.metrics()["size_bytes"] == 64 * MiB
+    finally:
+        disk.close()
+
+
+def test_a_file_system_that_cannot_punch_says_so_in_its_figures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_device, "fallocate", refuse_fallocate())
+    disk = FileDisk(tmp_path / "m.bin", 16 * MiB)
+    try:
+        disk.write(0, memoryview(random_bytes(MiB, "punch")), False)
+        before = disk.metrics()
+        disk.trim(0, MiB, False)  # ignored: no hole
+        after = disk.metrics()
+        assert (before["punch_holes"], after["punch_holes"]) == (1, 0)
+        assert after["allocated_bytes"] == before["allocated_bytes"] >= MiB
+    finally:
+        disk.close()
+
+
+def test_sizing_and_growing_log_their_progress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without a terminal, progress is log lines (every line, with the interval at 0)."""
+    monkeypatch.setattr(_device, "_GROW_LOG_EVERY", 0.0)
+    path = tmp_path / "grown.bin"
+    with caplog.at_level(logging.INFO, logger="usbd.filedisk"):
+        FileDisk(path, 8 * MiB).close()
+        FileDisk(path, 24 * MiB, grow=True).close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "usbd.filedisk"]
+    assert f"sizing {path}: 8.0 MiB of 8.0 MiB (100%)" in "\n".join(lines), lines
+    assert any(line.startswith(f"sizing {path}: done, 8.0 MiB in ") for line in lines), lines
+    assert any(line.startswith(f"growing {path}: 16 MiB of 16 MiB (100%), ") for line in lines)
+    assert any(line.startswith(f"growing {path}: done, 16 MiB in ") for line in lines), lines
+    assert os.stat(path).st_size == 24 * MiB
+
+
+def test_growing_shows_a_bar_on_a_terminal(tmp_path: Path) -> None:
+    out = io.StringIO()
+    fd = os.open(tmp_path / "bar.bin", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        _device._extend(fd, 0, 4 * MiB, "growing bar.bin", bar=True, stream=out)
+        assert os.fstat(fd).st_size == 4 * MiB
+    finally:
+        os.close(fd)
+    text = out.getvalue()
+    assert "growing bar.bin:" in text and "4.00M" in text, repr(text)

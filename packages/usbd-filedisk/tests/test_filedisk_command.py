@@ -1,6 +1,7 @@
 """usbd-filedisk as installed: its entry point, and its console script against real clients
-(qemu-io, qemu-img, nbdinfo, nbdcopy), a second daemon on the same file, and the rules for
-an existing file's size, each through a real process."""
+(qemu-io, qemu-img, nbdinfo, nbdcopy), a second daemon on the same file, the rules for an
+existing file's size, and --metrics (checked by Prometheus' promtool), each through a real
+process."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import re
 import signal
 import stat
 import subprocess
+import urllib.request
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from filedisk_helpers import Daemons, run, store_args, tool
+from filedisk_helpers import TOOL_TIMEOUT, Daemon, Daemons, require_tool, run, store_args, tool
+from prometheus_client.parser import text_string_to_metric_families
 
 from usbd.core.driver import ENTRY_POINT_GROUP, Driver
 from usbd.core.settings import CommonSettings
@@ -211,3 +214,55 @@ def test_fio_verifies_pipelined_writes_and_again_after_a_restart(
     job = _fio(daemon.uri, *sequential, "--verify_only")
     assert job["read"]["io_bytes"] == 64 * MiB  # type: ignore[index]
     daemon.stop(signal.SIGTERM)
+
+
+def scrape(daemon: Daemon) -> dict[str, float]:
+    """The daemon's metrics, by series name and labels, once ``promtool check metrics``
+    (Debian's prometheus package) has accepted them."""
+    found = re.search(r"usbd-filedisk publishes metrics at (\S+)", daemon.output())
+    assert found, daemon.report()
+    with urllib.request.urlopen(found.group(1), timeout=TOOL_TIMEOUT) as reply:
+        text = reply.read().decode()
+    checked = subprocess.run(
+        [require_tool("promtool"), "check", "metrics"],
+        input=text,
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT,
+        check=False,
+    )
+    assert checked.returncode == 0, f"{checked.stdout}\n{checked.stderr}\n{text}"
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return values
+
+
+def test_metrics_follow_what_is_written_and_trimmed(short_dir: Path, daemons: Daemons) -> None:
+    """The allocated bytes a scrape reports are the file's (what du sees), and they move by
+    what qemu-io wrote and discarded."""
+    args = store_args(short_dir, "vol", "--store-size", "64MiB", "--metrics", "127.0.0.1:0")
+    daemon = daemons.start(short_dir / "s", *args)
+    path = short_dir / "vol.bin"
+
+    def on_disk() -> int:
+        return path.stat().st_blocks * 512
+
+    first = scrape(daemon)
+    assert first["usbd_file_allocated_bytes"] == on_disk() == 0
+    assert first["usbd_file_size_bytes"] == 64 * MiB
+    assert first["usbd_file_punch_holes"] == 1
+    tool("qemu-io", "-f", "raw", daemon.uri, "-c", "write -P 0x5a 8M 24M", "-c", "flush")
+    grown = scrape(daemon)["usbd_file_allocated_bytes"]
+    assert grown == on_disk()
+    assert 24 * MiB <= grown <= 24 * MiB + 64 * KiB, grown
+    tool("qemu-io", "-f", "raw", daemon.uri, "-c", "discard 8M 16M")
+    values = scrape(daemon)
+    trimmed = values["usbd_file_allocated_bytes"]
+    assert trimmed == on_disk()
+    assert 16 * MiB - 64 * KiB <= grown - trimmed <= 16 * MiB + 64 * KiB, (grown, trimmed)
+    assert values["usbd_request_bytes_total{command=write,export=}"] == 24 * MiB
+    assert values["usbd_request_bytes_total{command=trim,export=}"] == 16 * MiB
+    daemon.stop()

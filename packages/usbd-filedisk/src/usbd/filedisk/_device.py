@@ -40,6 +40,7 @@ import stat
 import threading
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import IO
 
 from usbd.core import BytesLike, Device, DeviceError, Extent, ExtentFlag, Fua, format_size
 from usbd.core.fallocate import (
@@ -49,6 +50,7 @@ from usbd.core.fallocate import (
     fallocate,
 )
 from usbd.core.lockfile import lock_exclusive, unlock
+from usbd.core.progress import LOG_EVERY, progress
 
 from ._direct import ALIGN, SharedLock, aligned_buffer, round_down, round_up
 
@@ -68,6 +70,8 @@ _PUNCH = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 _ZERO_RANGE = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
 _PUNCH_HOLES = "punch holes"
 _ZERO_RANGES = "zero ranges in place"
+#: How often sizing or growing a file logs its progress without a terminal (see _extend).
+_GROW_LOG_EVERY = LOG_EVERY
 
 
 class StoreError(ValueError):
@@ -126,6 +130,31 @@ def _write_all(fd: int, data: memoryview, offset: int, flags: int) -> None:
         if wrote == 0:
             raise DeviceError(errno.EIO, f"write at {offset + done} made no progress")
         done += wrote
+
+
+def _extend(
+    fd: int,
+    current: int,
+    target: int,
+    what: str,
+    *,
+    bar: bool | None = None,
+    stream: IO[str] | None = None,
+) -> None:
+    """``ftruncate`` from ``current`` to ``target`` bytes, as progress (usbd.core.progress).
+
+    Where files can have holes this is a metadata update, done at once, and says nothing. A
+    file system without holes (FAT, exFAT) writes zeros up to the new size within the call
+    instead, which takes minutes for a large volume: a bar shows on a terminal meanwhile,
+    and the time it took is logged. One call, not a call per gigabyte (which would let the
+    bar move): a kill between two calls would leave a size that the next start cannot tell
+    from one that was asked for, where one call leaves the old size or the new.
+    """
+    with progress(
+        what, target - current, unit="B", every=_GROW_LOG_EVERY, bar=bar, stream=stream, logger=log
+    ) as work:
+        os.ftruncate(fd, target)
+        work.advance(target - current)
 
 
 def _sync_directory(path: Path) -> None:
@@ -212,7 +241,7 @@ class FileDisk(Device):
             # before sizing it), or one made with touch: size it like a new one.
             target = size or default_size
             self._check_size(target)
-            os.ftruncate(fd, target)
+            _extend(fd, current, target, f"sizing {self.path}")
             # The size needs no sync of its own: the first FLUSH (fdatasync) makes it
             # durable with the data, and a file that lost it comes back empty and is sized
             # again. Its name in the directory is another matter.
@@ -226,7 +255,7 @@ class FileDisk(Device):
         if size < current or not grow:
             raise SizeMismatch(self.path, current, size)
         self._check_size(size)
-        os.ftruncate(fd, size)
+        _extend(fd, current, size, f"growing {self.path}")
         log.info("grew %s from %s to %s", self.path, *describe_sizes(current, size))
         return size
 
@@ -396,6 +425,24 @@ class FileDisk(Device):
 
     def cache(self, offset: int, length: int) -> None:
         os.posix_fadvise(self._file(), offset, length, os.POSIX_FADV_WILLNEED)
+
+    # -- figures ---------------------------------------------------------------------------
+
+    def metrics(self) -> dict[str, float]:
+        """The figures of :data:`usbd.filedisk._metrics.METRICS`: one ``fstat`` of the file
+        (why that is acceptable here: see that module)."""
+        fd = self._fd
+        if fd < 0:
+            return {}
+        try:
+            status = os.fstat(fd)
+        except OSError:  # closed meanwhile
+            return {}
+        return {
+            "allocated_bytes": status.st_blocks * 512,
+            "size_bytes": status.st_size,
+            "punch_holes": int(_PUNCH_HOLES not in self._unsupported),
+        }
 
     def close(self) -> None:
         """Release the lock and the file; every later call fails with ESHUTDOWN."""

@@ -17,6 +17,7 @@ from ._device import (
     StoreError,
     describe_sizes,
 )
+from ._metrics import METRICS
 
 #: The flag behind each parameter a StoreError can name.
 _FLAGS = {"size": "store-size", "direct": "file-direct", "path": "store-name"}
@@ -74,6 +75,7 @@ driver = Driver(
     options=FileOptions,
     create=_create,
     stores_data=True,
+    metrics=METRICS,
 )
 
 
