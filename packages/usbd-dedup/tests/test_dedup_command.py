@@ -4,6 +4,7 @@ parameters on reopen, a second daemon on the same volume, --stats and --check, S
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -263,8 +264,13 @@ def scrape(daemon: Daemon) -> dict[str, float]:
     return values
 
 
-def test_metrics_count_64_mib_of_duplicated_data(short_dir: Path, daemons: Daemons) -> None:
-    """32 MiB of random blocks written twice over NBD: what a scrape says, exactly."""
+def test_metrics_count_64_mib_of_duplicated_data(
+    short_dir: Path, daemons: Daemons, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """32 MiB of random blocks written twice over NBD: what a scrape says, exactly, and the
+    ratios in the status file that usbdsrvd status reads."""
+    status_dir = short_dir / "status"
+    monkeypatch.setenv("USBD_STATUS_DIR", str(status_dir))
     daemon = daemons.start(short_dir, "--store-size", "128MiB", "--metrics", "127.0.0.1:0")
     handle = daemon.client()
     data = os.urandom(32 * MiB)
@@ -286,6 +292,16 @@ def test_metrics_count_64_mib_of_duplicated_data(short_dir: Path, daemons: Daemo
     assert values["usbd_dedup_commit_failed"] == 0
     assert 32 * MiB <= values["usbd_dedup_allocated_bytes"] <= 32 * MiB + 256 * KiB
     assert values["usbd_request_bytes_total{command=write,export=}"] == 64 * MiB
+    status = status_dir / f"{daemon.process.pid}.json"
+    deadline = time.monotonic() + 30  # rewritten every 2 s
+    while True:
+        figures = json.loads(status.read_text()) if status.exists() else {}
+        if figures.get("metrics", {}).get("dedup_ratio") == 2.0:
+            break
+        assert time.monotonic() < deadline, figures
+        time.sleep(0.1)
+    assert figures["headline"] == ["dedup_ratio", "compression_ratio"]
+    assert figures["metrics"]["stored_bytes"] == 32 * MiB
     # Trimmed and flushed: nothing mapped, every slot free and punched out.
     handle.trim(64 * MiB, 0)
     handle.flush()

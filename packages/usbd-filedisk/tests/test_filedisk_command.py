@@ -12,6 +12,7 @@ import re
 import signal
 import stat
 import subprocess
+import time
 import urllib.request
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 from filedisk_helpers import TOOL_TIMEOUT, Daemon, Daemons, require_tool, run, store_args, tool
 from prometheus_client.parser import text_string_to_metric_families
 
+from usbd.core import format_size
 from usbd.core.driver import ENTRY_POINT_GROUP, Driver
 from usbd.core.settings import CommonSettings
 from usbd.filedisk import DirectFileDisk, FileDisk, FileOptions
@@ -265,4 +267,13 @@ def test_metrics_follow_what_is_written_and_trimmed(short_dir: Path, daemons: Da
     assert 16 * MiB - 64 * KiB <= grown - trimmed <= 16 * MiB + 64 * KiB, (grown, trimmed)
     assert values["usbd_request_bytes_total{command=write,export=}"] == 24 * MiB
     assert values["usbd_request_bytes_total{command=trim,export=}"] == 16 * MiB
+    # The same figure heads the line SIGUSR1 logs.
+    daemon.process.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 30
+    while "statistics:" not in daemon.log():
+        assert time.monotonic() < deadline, daemon.report()
+        time.sleep(0.05)
+    (line,) = [line for line in daemon.log().splitlines() if "statistics:" in line]
+    expected = f"usbd-filedisk statistics: allocated bytes {format_size(on_disk())}, size 64 MiB"
+    assert expected in line, line
     daemon.stop()
