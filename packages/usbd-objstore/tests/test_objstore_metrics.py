@@ -3,6 +3,8 @@ a real S3 server (SeaweedFS): bytes written are dirty until an upload round comm
 uploads and fetches counted are the objects the bucket holds and sends, the cache's hits,
 misses and evictions are the reads made, retries and failures are those of a real outage, and
 the long work of open and close (listing the bucket, the last upload) logs its progress.
+At the end a real ``usbd-objstore --metrics`` scraped over HTTP: Prometheus' ``promtool check
+metrics`` accepts the text, and its values are the work a python3-libnbd client did.
 """
 
 from __future__ import annotations
@@ -11,17 +13,28 @@ import errno
 import io
 import logging
 import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import usbd.objstore._device as device_module
 from usbd.core import DeviceError, format_size
 from usbd.objstore import ObjStoreDevice, Params, S3Store, driver, open_volume
 from usbd.objstore.testing import SeaweedS3
+
+sys.path.append(str(Path(__file__).resolve().parent))
+
+from objstore_helpers import Backend, Daemon, connected, import_libnbd, missing
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -306,3 +319,78 @@ def test_a_terminal_gets_a_bar_instead_of_lines(
     assert "1.00M" in drawn  # the total, in tqdm's units
     # The bar replaces the lines as it goes (the last line is logged if the work took a second).
     assert not [line for line in progress_lines(caplog, "uploading before the stop") if "%" in line]
+
+
+# -- the daemon, scraped ---------------------------------------------------------------------
+
+
+def scrape(url: str) -> tuple[str, dict[str, float]]:
+    """The exposition at ``url`` and its unlabelled samples (the driver's figures), by name."""
+    with urllib.request.urlopen(url, timeout=HANG) as reply:
+        text = reply.read().decode()
+    values = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if not sample.labels
+    }
+    return text, values
+
+
+def test_the_daemon_publishes_its_figures_and_promtool_accepts_them(seaweed: SeaweedS3) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        missing("promtool (Debian's prometheus package)")
+    assert promtool is not None
+    nbd = import_libnbd()
+    workdir = Path(tempfile.mkdtemp(prefix="usbd-om-", dir="/tmp"))  # a short socket path
+    backend = Backend.s3(seaweed.objstore_cfg(seaweed.create_bucket("metrics-daemon")))
+    extra = ["--metrics", "127.0.0.1:0", "--objstore-objsize", "256KiB"]
+    extra += ["--objstore-flushevery", "0", "--attach", "none"]
+    daemon = Daemon(workdir, backend, size=8 * MiB, extra=extra)
+    try:
+        daemon.start()
+        found = re.search(r"publishes metrics at (\S+)", "".join(daemon.lines))
+        assert found, daemon.report()
+        url = found.group(1)
+        _text, opened = scrape(url)
+        assert opened["usbd_objstore_manifest_commits_total"] == 1
+        data = os.urandom(MiB)
+        with connected(nbd, daemon) as handle:
+            handle.pwrite(data, 0)
+            _text, written = scrape(url)
+            assert written["usbd_objstore_dirty_bytes"] == MiB
+            assert written["usbd_objstore_dirty_objects"] == 4
+            assert written["usbd_objstore_uploaded_bytes_total"] == 0
+            handle.flush()
+            assert handle.pread(MiB, 0) == data
+            text, flushed = scrape(url)
+        result = subprocess.run(
+            [promtool, "check", "metrics"],
+            input=text,
+            capture_output=True,
+            text=True,
+            timeout=HANG,
+            check=False,
+        )
+        assert result.returncode == 0, f"{result.stdout}{result.stderr}\n{text}"
+        assert flushed["usbd_objstore_dirty_bytes"] == 0
+        assert flushed["usbd_objstore_not_in_bucket_bytes"] == 0
+        assert flushed["usbd_objstore_uploaded_bytes_total"] == MiB
+        assert flushed["usbd_objstore_uploaded_objects_total"] == 4
+        assert flushed["usbd_objstore_manifest_commits_total"] == 2
+        assert (
+            flushed["usbd_objstore_last_manifest_commit_timestamp_seconds"]
+            > written["usbd_objstore_last_manifest_commit_timestamp_seconds"]
+        )
+        assert flushed["usbd_objstore_cache_hits_total"] == 4
+        assert flushed["usbd_objstore_cache_bytes"] == MiB
+        assert flushed["usbd_objstore_cache_limit_bytes"] == 8 * MiB
+        assert flushed["usbd_objstore_store_failures_total"] == 0
+        # Every declared figure is exposed, under its declared kind.
+        for metric in driver.metrics:
+            assert metric.exposed_name("objstore") in flushed, metric.name
+        daemon.stop()
+    finally:
+        daemon.close()
+        shutil.rmtree(workdir, ignore_errors=True)
