@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -362,6 +363,15 @@ def test_the_daemon_publishes_its_figures_and_promtool_accepts_them(seaweed: Sea
             assert written["usbd_objstore_dirty_bytes"] == MiB
             assert written["usbd_objstore_dirty_objects"] == 4
             assert written["usbd_objstore_uploaded_bytes_total"] == 0
+            # SIGUSR1 logs the headline figures first.
+            os.kill(daemon.pid, signal.SIGUSR1)
+            wait_for("the SIGUSR1 line", lambda: "statistics:" in daemon.stderr_path.read_text())
+            line = next(
+                line
+                for line in daemon.stderr_path.read_text().splitlines()
+                if "statistics:" in line
+            )
+            assert "statistics: dirty bytes 1.0 MiB, not in bucket bytes 0 B, size 8.0 MiB" in line
             handle.flush()
             assert handle.pread(MiB, 0) == data
             text, flushed = scrape(url)
