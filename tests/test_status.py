@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 
 from usbd.core.cli._status import gather
+from usbd.core.metrics import format_value
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
@@ -249,15 +250,36 @@ def test_a_connected_client_is_counted(
     daemons.until("the connection's end", lambda found: found[ram.pid]["connections"] == 0)
 
 
-def test_the_text_form_shows_each_daemon(daemons: Daemons, three: dict[str, Daemon]) -> None:
-    pids = {daemon.pid for daemon in three.values()}
-    daemons.until("all three daemons", lambda found: pids <= set(found))
+def test_the_text_form_shows_each_daemon_and_its_headline(
+    daemons: Daemons, three: dict[str, Daemon], libnbd: ModuleType
+) -> None:
+    """Each daemon's block, with the file disk's headline figure (allocated bytes) after 4 MiB
+    written, formatted by its unit as the status file has it."""
+    file = three["file"]
+    h = libnbd.NBD()
+    h.connect_uri(file.uri)
+    try:
+        h.pwrite(os.urandom(4 * MiB), 0)
+        h.flush()
+    finally:
+        h.shutdown()
+    listing = daemons.until(
+        "the file disk's allocated bytes",
+        lambda found: (
+            found[file.pid]["metrics"].get("allocated_bytes", 0) >= 4 * MiB
+            and all(daemon.pid in found for daemon in three.values())
+        ),
+    )
+    entry = listing[file.pid]
+    assert entry["headline"] == ["allocated_bytes"]
     text = daemons.status().stdout
     assert f"usbd-ramdisk pid {three['ram'].pid}: driver mem, export 'ram', 64 MiB" in text
-    assert f"usbd-filedisk pid {three['file'].pid}: driver file, export 'file', 96 MiB" in text
+    assert f"usbd-filedisk pid {file.pid}: driver file, export 'file', 96 MiB" in text
     assert f"usbdsrvd pid {three['srvd'].pid}: driver mem, export 'srvd', 32 MiB" in text
     for daemon in three.values():
         assert f"  listen       {daemon.uri}\n" in text
+    allocated = format_value("allocated_bytes", entry["metrics"]["allocated_bytes"])
+    assert f"  file:        allocated bytes {allocated}\n" in text
     assert "no usbd daemons running" not in text
 
 

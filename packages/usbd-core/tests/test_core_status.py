@@ -165,13 +165,15 @@ def test_a_file_not_rewritten_is_marked_stale(tree: Tree, files: Path) -> None:
 
 
 def test_files_that_are_not_a_daemons_status_are_skipped(tree: Tree, files: Path) -> None:
-    for pid in (500, 501, 502):
+    for pid in (500, 501, 502, 503):
         tree.process(pid, ["x"])
     put(files, "{not json", name="500.json")
     put(files, figures(999), name="501.json")  # the pid inside is not the file's
     put(files, json.dumps([502]), name="502.json")
     put(files, figures(502), name=".502.abc.tmp")  # a rewrite in progress
     put(files, figures(502), name="notes.json")
+    put(files, figures(503, size="64 MiB"))  # not the figures of this usbd
+
     listing = gather([files, files.parent / "absent"], root=tree.root, clean=False)
     assert listing.daemons == [] and listing.dead == []
 

@@ -154,7 +154,7 @@ def gather(
                 listing.dead.append(DeadFile(path, pid, clean and _remove(path)))
                 continue
             seen.add(pid)
-            age = max(0.0, now - float(figures.get("updated", 0) or 0))
+            age = max(0.0, now - figures["updated"])
             figures.update(
                 source="status-file",
                 status_file=str(path),
@@ -213,6 +213,9 @@ def _read_figures(path: Path, pid: int) -> dict[str, Any] | None:
         return None
     if not isinstance(figures, dict) or figures.get("pid") != pid:
         return None
+    numbers = (figures.get(key) for key in ("size", "started", "updated"))
+    if not all(isinstance(n, int | float) and not isinstance(n, bool) for n in numbers):
+        return None  # what the listing reckons with must be there
     return figures
 
 
@@ -260,7 +263,7 @@ def _render_daemon(entry: dict[str, Any]) -> str:
     export = f"export {entry['export']!r}" if entry.get("export") else "the default export"
     lines = [
         f"{entry.get('prog')} pid {entry.get('pid')}: driver {entry.get('driver')}, "
-        f"{export}, {format_size(int(entry.get('size') or 0))} {mode}"
+        f"{export}, {format_size(int(entry['size']))} {mode}"
     ]
     if entry.get("stale"):
         lines.append(
