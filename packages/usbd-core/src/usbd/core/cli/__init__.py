@@ -14,7 +14,7 @@ from ._errors import OptionError, UsageError
 from ._flags import STYLE_NOTE
 from ._main import Command, describe_options, kernel_options, main, run
 from ._options import Option, flag_info, option_table
-from ._reference import config_reference
+from ._reference import config_reference, metrics_reference
 from ._serve import serve
 from ._status import status_main
 
@@ -31,6 +31,7 @@ __all__ = [
     "kernel_options",
     "load_settings",
     "main",
+    "metrics_reference",
     "option_table",
     "parse_listen",
     "read_config_file",
