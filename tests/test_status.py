@@ -78,6 +78,7 @@ class Daemons:
         self.workdir = Path(tempfile.mkdtemp(prefix="usbd-st-", dir="/tmp"))
         self.status_dir = self.workdir / "status"
         self.status_dir.mkdir()
+        self.status_dir.chmod(0o755)  # a daemon refuses one that others may write to
         # mkdtemp's 0700 would hide everything from another user.
         self.workdir.chmod(0o755)
         self.env = {

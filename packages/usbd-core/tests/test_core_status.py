@@ -68,6 +68,7 @@ def tree(tmp_path: Path) -> Tree:
 def files(tmp_path: Path) -> Path:
     path = tmp_path / "status"
     path.mkdir()
+    path.chmod(0o755)
     return path
 
 
@@ -264,6 +265,38 @@ def test_a_monitors_file_round_trips(tree: Tree, files: Path) -> None:
     assert entry["pid"] == os.getpid()
     assert entry["listen"] == ["nbd+unix:///?socket=/tmp/t.sock"]
     assert "  test:        dirty bytes 4.0 KiB" in render(gather([files]))
+
+
+def monitor() -> Monitor:
+    return Monitor(Export(MemDevice()), prog="usbd-test", driver="test")
+
+
+def test_a_directory_others_may_write_to_is_neither_written_nor_read(
+    tree: Tree, tmp_path: Path
+) -> None:
+    """/tmp/usbd-<uid> may have been made by someone else: a group- or world-writable
+    directory, or a symlink, is refused by the writer and ignored (not cleaned) by the reader."""
+    open_dir = tmp_path / "usbd-open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    target.chmod(0o755)
+    link = tmp_path / "usbd-link"
+    link.symlink_to(target)
+    for directory in (open_dir, link):
+        with pytest.raises(PermissionError, match="not a directory of this user's alone"):
+            write_status(monitor(), directory)
+        dead = put(directory, figures(1000))
+        assert gather([directory], root=tree.root).dead == []
+        assert dead.exists()
+    # Made by the writer: 0755 whatever the umask.
+    previous = os.umask(0o002)
+    try:
+        made = write_status(monitor(), tmp_path / "fresh")
+    finally:
+        os.umask(previous)
+    assert made.parent.stat().st_mode & 0o777 == 0o755
 
 
 def test_usbd_status_dir_is_where_files_are_written_and_read(

@@ -11,11 +11,14 @@ pid is gone is a daemon killed before it could remove it; ``usbdsrvd status``
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import re
+import stat
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 
 import trio
@@ -25,6 +28,7 @@ from ._monitor import Monitor
 __all__ = [
     "REFRESH",
     "STATUS_DIR_ENV",
+    "private_dir",
     "publish_status",
     "reading_dirs",
     "status_dirs",
@@ -82,9 +86,33 @@ def _matching(parent: Path, pattern: str, below: str = "") -> list[Path]:
     ]
 
 
+def private_dir(directory: Path, owners: Collection[int]) -> bool:
+    """Whether ``directory`` is a real directory (not a symlink) owned by one of ``owners``
+    that no one else may write to. /tmp is everyone's: another user may have made
+    /tmp/usbd-<uid> first, to read a daemon's files, swap them, or, through a symlink, have
+    ``usbdsrvd status`` remove a file of the same name elsewhere."""
+    try:
+        info = os.lstat(directory)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid in owners and not info.st_mode & 0o022
+
+
 def write_status(monitor: Monitor, directory: Path) -> Path:
-    """Write the monitor's figures to ``directory/<pid>.json`` atomically; return the path."""
-    directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+    """Write the monitor's figures to ``directory/<pid>.json`` atomically; return the path.
+    The directory is made 0755 if missing, and must be this user's alone (:func:`private_dir`):
+    anything else is a ``PermissionError``."""
+    try:
+        directory.mkdir(mode=0o755, parents=True)
+        directory.chmod(0o755)  # whatever the umask
+    except FileExistsError:
+        pass
+    if not private_dir(directory, {os.geteuid()}):
+        raise PermissionError(
+            errno.EPERM,
+            "not a directory of this user's alone (owner, group or other write, a symlink)",
+            str(directory),
+        )
     path = directory / f"{os.getpid()}.json"
     text = json.dumps(monitor.figures(), sort_keys=True)
     fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.getpid()}.", suffix=".tmp")
@@ -106,7 +134,8 @@ async def publish_status(monitor: Monitor, *, every: float = REFRESH) -> None:
     path: Path | None = None
     try:
         while True:
-            path = _write_somewhere(monitor, path)
+            # A rewrite that fails keeps the last file's path: to retry there, and remove it.
+            path = _write_somewhere(monitor, path) or path
             await trio.sleep(every)
     finally:
         if path is not None:

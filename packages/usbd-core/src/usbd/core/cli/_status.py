@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .._sizes import format_size
-from .._status import REFRESH, reading_dirs
+from .._status import REFRESH, private_dir, reading_dirs
 from ..kernel._sysfs import NbdSystem
 from ..metrics import format_value
 
@@ -144,6 +144,8 @@ def gather(
     listing = Listing()
     seen: set[int] = set()
     for directory in dict.fromkeys(reading_dirs() if dirs is None else dirs):
+        if not private_dir(directory, _owners(directory)):
+            continue  # absent, or anyone's to plant files in: not to be believed or cleaned
         for pid, path in _status_files(directory):
             if pid in seen:
                 continue
@@ -189,6 +191,17 @@ def gather(
             }
         )
     return listing
+
+
+def _owners(directory: Path) -> set[int]:
+    """Who may own a status directory: root, this user, and the user its name says
+    (/tmp/usbd-<uid>, /run/user/<uid>/usbd)."""
+    owners = {0, os.geteuid()}
+    for name in (directory.name, directory.parent.name):
+        match = re.fullmatch(r"(?:usbd-)?(\d+)", name)
+        if match is not None:
+            owners.add(int(match.group(1)))
+    return owners
 
 
 def _status_files(directory: Path) -> list[tuple[int, Path]]:
@@ -339,8 +352,10 @@ sources:
                 writable of /run/usbd (root), $XDG_RUNTIME_DIR/usbd, /tmp/usbd-<uid>, and
                 removes it when it stops; this reads all of those (other users' too, where
                 readable). USBD_STATUS_DIR=DIR makes daemons write and this command read DIR
-                only. A file of a pid that no longer runs (kill -9) is not listed and is
-                removed where this user may; a live daemon's file older than {STALE_AFTER:g} s is
+                only. A directory counts only if it is a real one (no symlink), owned by
+                root, this user or the user its name says, and writable by its owner alone.
+                A file of a pid that no longer runs (kill -9) is not listed and is removed
+                where this user may; a live daemon's file older than {STALE_AFTER:g} s is
                 marked STALE.
   the kernel    /sys/block/nbdX/pid: a device whose server has no status file is shown as
                 "/dev/nbdX held by pid N (COMMAND from /proc/N/cmdline)".
