@@ -84,3 +84,13 @@ def test_advances_from_many_threads_add_up() -> None:
         thread.join()
     work.close()
     assert work.done == 40_000
+
+
+def test_the_interval_is_read_when_the_work_starts(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.INFO, logger="usbd")
+    monkeypatch.setattr("usbd.core.progress.LOG_EVERY", 0.0)
+    with progress("growing", 2, stream=io.StringIO()) as work:
+        work.advance()
+    assert lines(caplog)[0].startswith("growing: 1 of 2 (50%)")

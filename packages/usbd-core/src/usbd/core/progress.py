@@ -42,7 +42,8 @@ Unit = Literal["B", "items"]
 
 class Progress:
     """One piece of long work: ``advance`` as it goes, ``close`` at the end (or use
-    :func:`progress`). ``total`` may be None when unknown (objects listed so far)."""
+    :func:`progress`). ``total`` may be None when unknown (objects listed so far); ``every``
+    is the seconds between log lines (default :data:`LOG_EVERY`)."""
 
     def __init__(
         self,
@@ -52,7 +53,7 @@ class Progress:
         unit: Unit = "items",
         stream: IO[str] | None = None,
         bar: bool | None = None,
-        every: float = LOG_EVERY,
+        every: float | None = None,
         logger: logging.Logger = log,
     ) -> None:
         self.what = what
@@ -60,7 +61,8 @@ class Progress:
         self.unit = unit
         self.done = 0
         self._log = logger
-        self._every = every
+        # Read now, not when the function was defined: a test may set LOG_EVERY.
+        self._every = every = LOG_EVERY if every is None else every
         self._lock = threading.Lock()
         self._start = self._last = time.monotonic()
         self._logged = False
@@ -150,7 +152,7 @@ def progress(
     unit: Unit = "items",
     stream: IO[str] | None = None,
     bar: bool | None = None,
-    every: float = LOG_EVERY,
+    every: float | None = None,
     logger: logging.Logger = log,
 ) -> Iterator[Progress]:
     """``with progress("uploading", total, unit="B") as p: ... p.advance(n)``: closed
