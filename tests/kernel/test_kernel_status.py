@@ -25,6 +25,8 @@ def test_status_lists_the_daemons_device_and_a_foreign_holder(vm: VM) -> None:
         echo "ram pid ${DAEMON_PID[ram]}"
         nbd-client -N '' -L -unix /tmp/ram.sock /dev/nbd1
         echo "nbd1 pid $(cat /sys/block/nbd1/pid)"
+        file="/run/usbd/${DAEMON_PID[ram]}.json"  # rewritten every 2 s: until it has nbd-client
+        for i in $(seq 300); do grep -q '"network_connections": 1' "$file" && break; sleep 0.1; done
         echo "=== json"
         setpriv --reuid=nobody --regid=nogroup --clear-groups "$USBD_BIN/usbdsrvd" status --json
         echo "=== text"
@@ -56,8 +58,9 @@ def test_status_lists_the_daemons_device_and_a_foreign_holder(vm: VM) -> None:
     assert foreign["size"] == 64 << 20
     text = out.split("=== text\n", 1)[1].split("=== end", 1)[0]
     assert f"usbd-ramdisk pid {ram_pid}: driver mem" in text
-    assert "  device       /dev/nbd0" in text
-    held = f"/dev/nbd1 held by pid {foreign['pid']} (nbd-client -N  -L -unix /tmp/ram.sock"
+    assert "  device       /dev/nbd0 (attached)" in text
+    assert "  connections  2 (1 network, 1 kernel)" in text  # nbd-client's and the kernel's
+    held = f"/dev/nbd1 held by pid {foreign['pid']} (nbd-client -N '' -L -unix /tmp/ram.sock"
     assert held in text, text
     assert foreign["pid"] == client_pid  # as /sys/block/nbd1/pid names it
     assert "daemon ram exit 0" in out

@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 import textwrap
 import time
@@ -294,9 +295,10 @@ def _render_daemon(entry: dict[str, Any]) -> str:
         lines.append(f"  metrics      {entry['metrics_url']}")
     requests = entry.get("requests") or {}
     served = sum(v for v in requests.values() if isinstance(v, int))
+    connections, network = entry.get("connections", 0), entry.get("network_connections", 0)
+    kernel = f", {connections - network} kernel" if device and connections > network else ""
     activity = (
-        f"  connections  {entry.get('connections', 0)} "
-        f"({entry.get('network_connections', 0)} network), "
+        f"  connections  {connections} ({network} network{kernel}), "
         f"{entry.get('in_flight', 0)} request(s) in flight, {served} served"
     )
     errors = entry.get("errors") or {}
@@ -328,7 +330,7 @@ def _render_kernel(entry: dict[str, Any]) -> str:
     if not entry.get("running", True):
         what = "not running: the kernel keeps the device for its server's restart"
     elif entry.get("command"):
-        what = f"{' '.join(entry['command'])} from /proc/{pid}/cmdline"
+        what = f"{shlex.join(entry['command'])} from /proc/{pid}/cmdline"
     else:
         what = "command unknown"
     size = entry.get("size")
