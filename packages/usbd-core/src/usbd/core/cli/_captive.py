@@ -27,7 +27,6 @@ import os
 import signal
 import tempfile
 from collections.abc import AsyncIterator, Iterator, Mapping
-from functools import partial
 
 import trio
 
@@ -73,6 +72,7 @@ class Captive:
         self.status: int | None = None
         self.socket_path: str | None = None
         self._process: trio.Process | None = None
+        self._pending: int | None = None
         self._signalled = False
 
     def exit_code(self) -> int:
@@ -115,35 +115,39 @@ class Captive:
         return _Forwarding(self, signals)
 
     def send_signal(self, signum: int) -> None:
-        """Send ``signum`` to the command if it is running; the stop then waits for it."""
+        """Send ``signum`` to the command; one that arrives while the command is being
+        started is sent as soon as it is. The stop then waits for the command (:meth:`_end`)."""
+        self._signalled = True
         process = self._process
-        if process is None or process.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signum)
-            self._signalled = True
+        if process is None:
+            self._pending = signum
+        elif process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signum)
 
     async def run(self, uri: str, attachment: KernelExport | None, scope: trio.CancelScope) -> None:
         """Run the command until it exits, then stop the daemon (cancel ``scope``, after
-        detaching the kernel device). Cancelled first, it ends the command (:meth:`_end`)."""
+        detaching the kernel device). Cancelled first, it ends the command (:meth:`_end`).
+
+        trio.lowlevel.open_process rather than run_process: the process must be known here
+        from the moment it exists (run_process as a task reports it a scheduling step later,
+        and a signal or a cancellation in between found no process to end)."""
+        argv = ["/bin/sh", "-c", self.command]
+        # Not cancellable while it starts (Popen runs in a thread): it returns the process,
+        # and a cancellation is delivered at the next checkpoint, inside the try below.
+        process = self._process = await trio.lowlevel.open_process(argv, env=self.environment(uri))
         try:
-            async with trio.open_nursery() as nursery:
-                self._process = await nursery.start(
-                    partial(
-                        trio.run_process,
-                        ["/bin/sh", "-c", self.command],
-                        stdin=None,
-                        check=False,
-                        env=self.environment(uri),
-                        deliver_cancel=self._end,
-                    )
-                )
+            if self._pending is not None:
+                self.send_signal(self._pending)
+            await process.wait()
         finally:
-            if self._process is not None and self._process.returncode is not None:
-                self.status = exit_status(self._process.returncode)
-        returncode = self._process.returncode
-        if returncode is not None and returncode < 0:
-            name = signal.Signals(-returncode).name
+            if process.returncode is None:
+                with trio.CancelScope(shield=True):
+                    await self._end(process)
+            assert process.returncode is not None
+            self.status = exit_status(process.returncode)
+        if process.returncode < 0:
+            name = signal.Signals(-process.returncode).name
             log.info("the --run command was killed by %s: stopping", name)
         else:
             log.info("the --run command exited with status %s: stopping", self.status)
@@ -153,14 +157,17 @@ class Captive:
         scope.cancel()
 
     async def _end(self, process: trio.Process) -> None:
-        """How a cancelled run ends the command: SIGTERM unless a signal was forwarded, then
-        ``grace`` seconds to exit (run_process cancels this once it has), then SIGKILL."""
+        """How a cancelled run ends the command: SIGTERM unless the daemon's signal was passed
+        on, then ``grace`` seconds to exit, then SIGKILL; it returns once the command exited."""
         if not self._signalled:
             self.send_signal(signal.SIGTERM)
-        await trio.sleep(self.grace)
+        with trio.move_on_after(self.grace):
+            await process.wait()
+            return
         log.warning("the --run command did not exit %g s after a signal: killing it", self.grace)
         with contextlib.suppress(ProcessLookupError):
             process.kill()
+        await process.wait()
 
 
 async def _when_unused(attachment: KernelExport, path: str) -> None:
