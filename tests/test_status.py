@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -180,19 +181,19 @@ def daemons() -> Iterator[Daemons]:
 
 @pytest.fixture(scope="module")
 def three(daemons: Daemons) -> dict[str, Daemon]:
-    """One daemon of each kind, serving on unix sockets."""
-    return {
-        "ram": daemons.start("usbd-ramdisk", "ram", "--store-size", "64MiB"),
-        "file": daemons.start(
-            "usbd-filedisk",
-            "file",
-            "--store-dir",
-            str(daemons.workdir),
-            "--store-size",
-            "96MiB",
-        ),
-        "srvd": daemons.start("usbdsrvd", "srvd", "-dev-type", "mem", "--store-size", "32MiB"),
+    """One daemon of each kind, serving on unix sockets (started at once: the start-up is
+    most of their cost)."""
+    flags = {
+        "ram": ("usbd-ramdisk", "--store-size", "64MiB"),
+        "file": ("usbd-filedisk", "--store-dir", str(daemons.workdir), "--store-size", "96MiB"),
+        "srvd": ("usbdsrvd", "-dev-type", "mem", "--store-size", "32MiB"),
     }
+    with ThreadPoolExecutor(len(flags)) as pool:
+        started = {
+            name: pool.submit(daemons.start, prog, name, *args)
+            for name, (prog, *args) in flags.items()
+        }
+    return {name: future.result() for name, future in started.items()}
 
 
 def as_nobody() -> list[str]:
