@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -336,3 +337,21 @@ def test_the_reader_looks_in_every_users_directories(
     assert {Path("/run/usbd"), own, tmp_path / "usbd-1000"} <= set(dirs)
     assert tmp_path / "usbd-st-abc" not in dirs and tmp_path / "usbd-12x" not in dirs
     assert len(dirs) == len(set(dirs))
+
+
+def test_help_names_every_json_key(
+    tree: Tree, files: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--help documents the JSON form: every key a listing entry has is named there."""
+    tree.process(1100, ["nbd-client"])
+    tree.device(0, 1100)
+    tree.process(1101, ["usbd-test"])
+    put(files, monitor().figures() | {"pid": 1101, "started": BOOT + 11})
+    entries = gather([files], root=tree.root).daemons
+    assert {entry["source"] for entry in entries} == {"status-file", "kernel"}
+    with pytest.raises(SystemExit) as exit_:
+        status_main(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for key in {key for entry in entries for key in entry}:
+        assert re.search(rf"\b{key}\b", text), key
