@@ -322,6 +322,30 @@ def test_another_user_lists_what_it_can_read(daemons: Daemons, three: dict[str, 
         assert proc.stderr == ""
 
 
+def test_another_user_under_hidepid_still_lists_them(
+    daemons: Daemons, three: dict[str, Daemon]
+) -> None:
+    """With /proc mounted hidepid=2 (as hardened systems do) another user has no /proc/PID
+    for root's daemons: they are still running, not dead files, only their command unknown.
+    The hidepid /proc is a fresh one in a private mount namespace (unshare), not the host's."""
+    user = as_nobody()
+    if not user:
+        pytest.skip("needs root, to mount a hidepid /proc and run the command as nobody")
+    pids = {daemon.pid for daemon in three.values()}
+    daemons.until("all three daemons", lambda found: pids <= set(found))
+    mount = 'mount -t proc -o hidepid=2 proc /proc && exec "$@"'
+    unshare = ["unshare", "--mount", "sh", "-c", mount, "sh", *user]
+    probe = subprocess.run(
+        [*unshare, "test", "!", "-e", f"/proc/{three['ram'].pid}"], check=False, timeout=60
+    )
+    if probe.returncode != 0:
+        pytest.fail("could not mount a hidepid=2 /proc in a private mount namespace")
+    listing = daemons.listing(user=unshare)
+    assert pids <= set(listing)
+    assert all(listing[pid]["command"] is None for pid in pids)
+    assert "is not running" not in daemons.status(user=unshare).stdout
+
+
 def test_a_bad_flag_is_one_line_and_status_2(daemons: Daemons) -> None:
     proc = subprocess.run(
         [script("usbdsrvd"), "status", "--jsn"],

@@ -80,9 +80,21 @@ class _Proc:
         self._boot: float | None = None
 
     def alive(self, pid: int) -> bool:
-        """Running and not a zombie (which has /proc/PID but will never serve again)."""
+        """Running and not a zombie (which has /proc/PID but will never serve again). On the
+        real /proc mounted with hidepid another user's process has no /proc/PID for us: then
+        kill(pid, 0) tells, refused (EPERM) for a process that exists."""
         stat = self._stat(pid)
-        return stat is not None and stat[0] not in ("Z", "X")
+        if stat is not None:
+            return stat[0] not in ("Z", "X")
+        if self.root != Path("/"):
+            return False
+        try:
+            os.kill(pid, 0)
+        except PermissionError:
+            return True
+        except OSError:
+            return False
+        return False  # ours, yet no /proc/PID: gone between the two looks
 
     def started(self, pid: int) -> float | None:
         """When the process started, in seconds since the epoch, if /proc says."""
