@@ -371,6 +371,13 @@ def connect(libnbd: ModuleType) -> Iterator[Connect]:
 
 
 @pytest.fixture
+def require() -> Callable[[str], str]:
+    """:func:`require_tool`, for test modules that cannot import this file: with the packages'
+    tests in the same run (``nox -s slow``), ``conftest`` names another directory's."""
+    return require_tool
+
+
+@pytest.fixture
 def tools() -> Callable[..., subprocess.CompletedProcess[str]]:
     """:func:`run_tool`: run a Debian client tool with a timeout, skipping if it is missing."""
     return run_tool
