@@ -94,3 +94,11 @@ def test_the_interval_is_read_when_the_work_starts(
     with progress("growing", 2, stream=io.StringIO()) as work:
         work.advance()
     assert lines(caplog)[0].startswith("growing: 1 of 2 (50%)")
+
+
+def test_on_a_terminal_quick_work_draws_no_bar() -> None:
+    out = io.StringIO()
+    work = Progress("listing objects", stream=out, bar=True)
+    work.advance(3)
+    work.close()
+    assert "listing" not in out.getvalue()

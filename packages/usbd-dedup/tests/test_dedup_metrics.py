@@ -155,7 +155,7 @@ def test_the_check_shows_a_bar_on_a_terminal(tmp_path: Path) -> None:
     db, files, params, lock_fd = open_closed(volume_dir(tmp_path, "vol"))
     out = io.StringIO()
     try:
-        check(db, files, params, deep=False, bar=True, stream=out)
+        check(db, files, params, deep=False, every=0, bar=True, stream=out)
     finally:
         db.close()
         files.close()

@@ -729,7 +729,8 @@ def test_sizing_and_growing_log_their_progress(
     assert os.stat(path).st_size == 24 * MiB
 
 
-def test_growing_shows_a_bar_on_a_terminal(tmp_path: Path) -> None:
+def test_growing_shows_a_bar_on_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_device, "_GROW_LOG_EVERY", 0)  # no delay before the bar either
     out = io.StringIO()
     fd = os.open(tmp_path / "bar.bin", os.O_RDWR | os.O_CREAT, 0o600)
     try:

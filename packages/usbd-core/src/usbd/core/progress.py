@@ -5,7 +5,8 @@ A daemon started by hand shows a tqdm bar on its standard error; under systemd, 
 a test, a bar would be noise in the journal, so the same calls log one line every
 :data:`LOG_EVERY` seconds instead (``uploading: 1.2 GiB of 4 GiB (30%), 85 MiB/s``) and one
 at the end, through the ``usbd`` logger. Work that ends within the first interval logs
-nothing but that last line, and only when it took a second or more: a quick start stays quiet.
+nothing but that last line, and only when it took a second or more, and a bar appears only
+after a second: a quick start stays quiet.
 
 tqdm rather than a hand-written bar: it sizes itself to the terminal, redraws at a bounded
 rate whatever the update rate, and formats byte units and rates; rich would bring a whole
@@ -81,6 +82,9 @@ class Progress:
                 leave=False,
                 dynamic_ncols=True,
                 mininterval=min(every, 0.1),  # tqdm's own rate, or faster when asked
+                # Quick work stays quiet on a terminal too (no flash of an empty bar); a
+                # caller asking for output at every step (every=0) gets it at once.
+                delay=min(every, _QUIET_UNDER),
             )
 
     def advance(self, amount: int = 1) -> None:
