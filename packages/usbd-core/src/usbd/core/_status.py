@@ -135,7 +135,11 @@ async def publish_status(monitor: Monitor, *, every: float = REFRESH) -> None:
     try:
         while True:
             # A rewrite that fails keeps the last file's path: to retry there, and remove it.
-            path = _write_somewhere(monitor, path) or path
+            # In a thread: the figures may stat a file (filedisk's allocated bytes), which on
+            # a network file system can wait, and the write is disk I/O; the event loop
+            # serves requests meanwhile. The figures are read as a scrape reads them.
+            written = await trio.to_thread.run_sync(_write_somewhere, monitor, path)
+            path = written or path
             await trio.sleep(every)
     finally:
         if path is not None:
