@@ -31,6 +31,7 @@ from usbd.core import Device, Export
 from usbd.core._monitor import CORE_METRICS, Monitor, summarise
 from usbd.core._stats import LATENCY_BOUNDS, SAMPLE_EVERY
 from usbd.core.driver import Driver
+from usbd.core.kernel import Attached
 from usbd.core.metrics import Metric, counter, format_value, gauge
 from usbd.core.settings import NoOptions
 
@@ -266,3 +267,22 @@ def test_a_device_without_declared_metrics_is_not_asked() -> None:
     monitor.figures()
     scrape(monitor)
     assert Asked.asked == 0
+
+
+def test_the_kernel_devices_state_is_exposed_while_attached_and_after() -> None:
+    monitor = Monitor(Export(MemDevice()))
+    assert not any(name.startswith("usbd_kernel") for name in scrape(monitor))
+    monitor.kernel = Attached(0, "/dev/nbd0", "netlink", 2, reattached=True)
+    monitor.kernel_live = True
+    samples = scrape(monitor)
+    assert samples["usbd_kernel_attached{device=/dev/nbd0}"] == 1
+    assert samples["usbd_kernel_reattached{device=/dev/nbd0}"] == 1
+    assert samples["usbd_kernel_connections{device=/dev/nbd0}"] == 2
+    figures = monitor.figures()
+    assert (figures["device"], figures["attached"], figures["reattached"]) == (
+        "/dev/nbd0",
+        True,
+        True,
+    )
+    monitor.kernel_live = False  # the kernel let go
+    assert scrape(monitor)["usbd_kernel_attached{device=/dev/nbd0}"] == 0
