@@ -310,3 +310,28 @@ def test_an_empty_command_is_one_line_naming_run(source: str, tmp_path: Path) ->
     (line,) = result.stderr.splitlines()
     assert line.startswith("usbd-ramdisk: error: -run"), report(result)
     assert "an empty command: expected a shell command" in line, report(result)
+
+
+def test_an_export_name_and_a_tmpdir_needing_percent_encoding_make_a_uri_libnbd_takes(
+    tmp_path: Path, tools: Tools
+) -> None:
+    """$uri is percent-encoded, as nbdkit's: a space or ? in the export name or the socket's
+    directory made a URI libnbd refused."""
+    tools("nbdinfo", "--version")
+    odd = tmp_path / "a dir?x"
+    odd.mkdir()
+    result = captive(
+        "usbd-ramdisk",
+        'nbdinfo --size "$uri" && echo "uri=$uri"',
+        "--store-size",
+        "16MiB",
+        "--export-name",
+        "vol 1?x",
+        cwd=tmp_path,
+        env=clean_env({"TMPDIR": str(odd)}),
+    )
+    stopped_cleanly(result, "usbd-ramdisk", 0)
+    assert str(SIZE) in result.stdout.splitlines(), report(result)
+    uri = values(result.stdout)["uri"]
+    assert uri.startswith("nbd+unix:///vol%201%3Fx?socket="), report(result)
+    assert "a%20dir%3Fx/" in uri, report(result)

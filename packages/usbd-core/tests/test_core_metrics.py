@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import pytest
 import trio
 from core_helpers import (
+    CACHE,
     EINVAL,
     FLUSH,
     READ,
@@ -120,13 +121,21 @@ async def test_requests_bytes_errors_and_latency_are_counted_as_sent() -> None:
         assert await client.simple_reply() == (0, 501)
         await client.send(request(READ, cookie=502, offset=1 << 20, length=512))  # past the end
         assert await client.simple_reply() == (EINVAL, 502)
+        # Refused requests' bytes do not count: past the end, longer than the device, or
+        # in range but not offered (counted at first, by the fast path's test, then taken back).
+        await client.send(request(READ, cookie=503, offset=0, length=64 << 20))
+        assert await client.simple_reply() == (EINVAL, 503)
+        await client.send(request(CACHE, cookie=504, offset=0, length=4 * KiB))  # not offered
+        assert await client.simple_reply() == (EINVAL, 504)
         stats = export.stats
         assert stats.requests[WRITE] == writes
-        assert stats.requests[READ] == reads + 1
+        assert stats.requests[READ] == reads + 2
         assert stats.bytes[WRITE] == writes * 4 * KiB
-        assert stats.bytes[READ] == reads * 512 + 512
+        assert stats.bytes[READ] == reads * 512
         assert stats.bytes[TRIM] == 64 * KiB
-        assert stats.errors == {EINVAL: 1}
+        assert stats.errors == {EINVAL: 3}
+        assert stats.requests[CACHE] == 1
+        assert stats.bytes[CACHE] == 0
         # The fast path timed one in SAMPLE_EVERY (reads and writes share the count) and
         # counted each sample that many times; the general path timed each of its own.
         fast = writes + reads

@@ -8,21 +8,25 @@ without a status file shows, and the text form's formatting of the driver's head
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from core_helpers import MemDevice
+import trio
+from core_helpers import MemDevice, ThreadedMemDevice, wait_until
 
 from usbd.core import Export
 from usbd.core._monitor import Monitor
 from usbd.core._status import reading_dirs, status_dirs, write_status
-from usbd.core.cli import status_main
+from usbd.core.cli import Listen, serve, status_main
 from usbd.core.cli._status import STALE_AFTER, gather, render
 from usbd.core.metrics import gauge
 
@@ -355,3 +359,40 @@ def test_help_names_every_json_key(
     text = " ".join(capsys.readouterr().out.split())
     for key in {key for entry in entries for key in entry}:
         assert re.search(rf"\b{key}\b", text), key
+
+
+class SlowClose(ThreadedMemDevice):
+    """A device whose close waits for the test (an objstore uploading what is dirty)."""
+
+    def __init__(self) -> None:
+        super().__init__(1 << 20)
+        self.closing = threading.Event()
+        self.release = threading.Event()
+
+    def close(self) -> None:
+        self.closing.set()
+        self.release.wait(30)
+        super().close()
+
+
+async def test_a_stopping_daemon_stays_listed_until_its_device_is_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("USBD_STATUS_DIR", str(tmp_path))
+    device = SlowClose()
+    status = tmp_path / f"{os.getpid()}.json"
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                functools.partial(serve, device, [Listen(path=str(tmp_path / "s.sock"))])
+            )
+            await wait_until(status.exists)
+            assert json.loads(status.read_text())["stopping"] is False
+            os.kill(os.getpid(), signal.SIGTERM)  # serve() takes it: a stop as a daemon's
+            await wait_until(device.closing.is_set)
+            await wait_until(lambda: json.loads(status.read_text())["stopping"])
+            shown = render(gather())
+            assert "STOPPING: flushing and closing the device" in shown
+            device.release.set()
+    assert device.closed == 1
+    assert not status.exists()

@@ -215,9 +215,11 @@ class Connection:
                 command, flags, cookie, offset, length, payload = request
                 if command < CMD_COUNT:
                     counts[command] += 1
-                    nbytes[command] += length
                 # The fast path: plain READ and WRITE in range, checked in one comparison.
                 if not flags and 0 < length <= max_payload and offset + length <= size:
+                    # Bytes are counted for requests in range only (see _dispatch).
+                    if command < CMD_COUNT:
+                        nbytes[command] += length
                     if command == CMD_READ and length <= fast_read:
                         try:
                             tick -= 1
@@ -312,6 +314,15 @@ class Connection:
             log.debug("%s: client sent DISC", self.name)
             return False
         error = check(self.session, command, flags, offset, length)
+        # The bytes of a request: counted by _receive for one it may take (no flags, in
+        # range), here for the others. A refused request's do not count: a client sending
+        # reads of gigabytes past the end moved nothing.
+        session = self.session
+        counted = (
+            not flags and 0 < length <= session.max_payload and offset + length <= session.size
+        )
+        if command < CMD_COUNT and counted != (error is None):
+            self._stats.bytes[command] += length if error is None else -length
         if error is not None:
             log.debug(
                 "%s: refused command %d flags %#x offset %d length %d: %s",

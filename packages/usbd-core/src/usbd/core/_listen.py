@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import trio
 
@@ -32,13 +33,18 @@ def parse_listen(text: str) -> Listen:
 
 
 def uri_for(listener: trio.SocketListener, export_name: str, *, tls: bool = False) -> str:
-    """The NBD URI a client would use for this listener (``nbds`` when TLS is required)."""
+    """The NBD URI a client would use for this listener (``nbds`` when TLS is required).
+
+    The export name and the socket path are percent-encoded, as the NBD URI spec and nbdkit
+    have them: a space, ``?``, ``#`` or ``%`` in either made a URI libnbd refused (captive
+    mode hands this URI to a script as ``$uri``)."""
     scheme = "nbds" if tls else "nbd"
     sock = listener.socket
     address = sock.getsockname()
+    name = quote(export_name, safe="/")
     if isinstance(address, str):
-        return f"{scheme}+unix:///{export_name}?socket={address}"
+        return f"{scheme}+unix:///{name}?socket={quote(address, safe='/')}"
     host, port = address[0], address[1]
     if ":" in host:
         host = f"[{host}]"
-    return f"{scheme}://{host}:{port}/{export_name}"
+    return f"{scheme}://{host}:{port}/{name}"

@@ -162,6 +162,8 @@ class Monitor:
     kernel_live: bool = False
     #: Address of the --metrics endpoint, once it serves.
     metrics_url: str | None = None
+    #: The daemon is stopping: flushing and closing the device (objstore uploads meanwhile).
+    stopping: bool = False
     started: float = field(default_factory=time.time)
     _failing: bool = False
 
@@ -204,6 +206,7 @@ class Monitor:
             "metrics_url": self.metrics_url,
             "device": self.kernel.path if self.kernel is not None else None,
             "attached": self.kernel_live,
+            "stopping": self.stopping,
             "reattached": self.kernel.reattached if self.kernel is not None else False,
             "connections": len(connections),
             "network_connections": server.active if server is not None else 0,
@@ -365,10 +368,15 @@ class MetricsEndpoint:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(monitor)
         ProcessCollector(registry=self.registry)
-        # OSError (address in use, not permitted) is the caller's: a failure to start.
-        self._server, self._thread = start_http_server(
-            port, host or "0.0.0.0", registry=self.registry
-        )
+        # OSError (address in use, not permitted) is the caller's: a failure to start,
+        # said with the flag, since --listen fails with the same words.
+        try:
+            self._server, self._thread = start_http_server(
+                port, host or "0.0.0.0", registry=self.registry
+            )
+        except OSError as exc:
+            where = f"[{host}]:{port}" if host and ":" in host else f"{host or ''}:{port}"
+            raise OSError(exc.errno, f"--metrics {where}: {exc.strerror or exc}") from exc
         bound_host, bound_port = self._server.server_address[:2]
         text = bound_host.decode() if isinstance(bound_host, bytes) else str(bound_host)
         shown = f"[{text}]" if ":" in text else text

@@ -311,8 +311,8 @@ class CommonSettings(BaseSettings):
     ] = Field(
         None,
         description="serve Prometheus metrics at http://HOST:PORT/metrics (requests, errors, "
-        "latency, connections, the driver's figures); off by default, :PORT for every "
-        "interface, port 0 for any free one",
+        "latency, connections, the driver's figures); off by default; :PORT for every IPv4 "
+        "interface, [::]:PORT for IPv6 too, port 0 for any free one",
     )
     tls: Annotated[TLSMode, Flag(group="tls")] = Field(
         "off",

@@ -7,10 +7,13 @@ environment variable, the config file, a driver option); 1 for a failure to star
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 import trio
@@ -165,6 +168,32 @@ def _act(
 
 def run(command: Command, argv: Sequence[str] | None = None) -> int:
     """Run ``command`` as a daemon; the return value is the exit status."""
+    with _usr1_while_not_serving(command.prog):
+        return _run(command, argv)
+
+
+@contextlib.contextmanager
+def _usr1_while_not_serving(prog: str) -> Iterator[None]:
+    """SIGUSR1's default action kills, and a device may take minutes to open (usbd-objstore
+    listing its bucket) before serve() takes the signal: until then, and after it, a line
+    says there are no figures yet instead. (In a thread other than the main one, as in some
+    tests, there is no signal to take.)"""
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        log.warning("%s received SIGUSR1 while not serving (opening or closing): no figures", prog)
+
+    try:
+        previous = signal.signal(signal.SIGUSR1, note)
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def _run(command: Command, argv: Sequence[str] | None) -> int:
     prog = command.prog
     args = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -129,64 +129,71 @@ async def _serve(
     captive: Captive | None = None,
 ) -> None:
     export, prog = monitor.export, monitor.prog
-    try:
-        listeners: list[trio.SocketListener] = []
-        for where in listen:
-            if where.path is not None:
-                listeners.append(await open_unix_listener(where.path, mode=socket_mode))
-            else:
-                listeners.extend(await open_tcp_listeners(where.host, where.port))
-        required = tls is not None and tls.mode == "require"
-        uris = [uri_for(listener, export.name, tls=required) for listener in listeners]
-        async with trio.open_nursery() as nursery:
-            if listeners:
-                monitor.server = server = Server([export], limits=limits, tls=tls)
-                await nursery.start(server.serve, listeners)
-            monitor.listen = list(uris)
-            for uri in uris:
-                print(f"{prog} is serving {uri}", flush=True)
-            if uris:
-                print(f"{prog}: connect with e.g.  nbdinfo '{uris[0]}'", flush=True)
-            attachment = None
-            serving = list(uris)
-            if kernel is not None:
-                attachment = KernelExport(export, kernel)
-                await nursery.start(_run_kernel, attachment, monitor, nursery.cancel_scope)
-                assert attachment.attached is not None
-                attached = attachment.attached
-                monitor.kernel, monitor.kernel_live = attached, True
-                how = "re-attached" if attached.reattached else "attached"
-                log.info(
-                    "%s %s via %s with %d connection(s)",
-                    attached.path,
-                    how,
-                    attached.method,
-                    attached.connections,
-                )
-                print(f'{prog} is processing requests for "{attached.path}"', flush=True)
-                serving.insert(0, attached.path)
-            ready(f"serving {', '.join(serving)}")
-            task_status.started(uris)
-            nursery.start_soon(_watch_for_failure, export.device, attachment)
-            nursery.start_soon(publish_status, monitor)
-            nursery.start_soon(_report, monitor, reports)
-            if captive is not None:
-                nursery.start_soon(captive.run, uris[-1], attachment, nursery.cancel_scope)
-            await _wait_for_stop(prog, attachment, signals)
-            nursery.cancel_scope.cancel()
-    finally:
-        stopping()
-        with trio.CancelScope(shield=True):
-            await export.aclose()
-        for where in listen:
-            if where.path is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(where.path)
-        counts = export.request_counts()
-        if counts:
-            total = sum(counts.values())
-            detail = ", ".join(f"{name} {count}" for name, count in counts.items())
-            print(f"{prog} served {total} requests ({detail})", flush=True)
+    # The status file and SIGUSR1 last until the device is closed: a close may take minutes
+    # (usbd-objstore uploads what is dirty), and a daemon still holding data must not vanish
+    # from usbdsrvd status meanwhile.
+    # (The file appears once the daemon serves: a reader then sees its addresses.)
+    async with trio.open_nursery() as watching:
+        watching.start_soon(_report, monitor, reports)
+        try:
+            listeners: list[trio.SocketListener] = []
+            for where in listen:
+                if where.path is not None:
+                    listeners.append(await open_unix_listener(where.path, mode=socket_mode))
+                else:
+                    listeners.extend(await open_tcp_listeners(where.host, where.port))
+            required = tls is not None and tls.mode == "require"
+            uris = [uri_for(listener, export.name, tls=required) for listener in listeners]
+            async with trio.open_nursery() as nursery:
+                if listeners:
+                    monitor.server = server = Server([export], limits=limits, tls=tls)
+                    await nursery.start(server.serve, listeners)
+                monitor.listen = list(uris)
+                for uri in uris:
+                    print(f"{prog} is serving {uri}", flush=True)
+                if uris:
+                    print(f"{prog}: connect with e.g.  nbdinfo '{uris[0]}'", flush=True)
+                attachment = None
+                serving = list(uris)
+                if kernel is not None:
+                    attachment = KernelExport(export, kernel)
+                    await nursery.start(_run_kernel, attachment, monitor, nursery.cancel_scope)
+                    assert attachment.attached is not None
+                    attached = attachment.attached
+                    monitor.kernel, monitor.kernel_live = attached, True
+                    how = "re-attached" if attached.reattached else "attached"
+                    log.info(
+                        "%s %s via %s with %d connection(s)",
+                        attached.path,
+                        how,
+                        attached.method,
+                        attached.connections,
+                    )
+                    print(f'{prog} is processing requests for "{attached.path}"', flush=True)
+                    serving.insert(0, attached.path)
+                ready(f"serving {', '.join(serving)}")
+                task_status.started(uris)
+                nursery.start_soon(_watch_for_failure, export.device, attachment)
+                watching.start_soon(publish_status, monitor)
+                if captive is not None:
+                    nursery.start_soon(captive.run, uris[-1], attachment, nursery.cancel_scope)
+                await _wait_for_stop(prog, attachment, signals)
+                nursery.cancel_scope.cancel()
+        finally:
+            stopping()
+            monitor.stopping = True
+            with trio.CancelScope(shield=True):
+                await export.aclose()
+            for where in listen:
+                if where.path is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(where.path)
+            counts = export.request_counts()
+            if counts:
+                total = sum(counts.values())
+                detail = ", ".join(f"{name} {count}" for name, count in counts.items())
+                print(f"{prog} served {total} requests ({detail})", flush=True)
+            watching.cancel_scope.cancel()
 
 
 async def _run_kernel(
@@ -205,9 +212,11 @@ async def _run_kernel(
 
 
 async def _report(monitor: Monitor, reports: AsyncIterator[int]) -> None:
-    """SIGUSR1: the figures, one line in the log (as dd and s3backer's stats do)."""
+    """SIGUSR1: the figures, one line in the log (as dd and s3backer's stats do). At INFO, or
+    at the threshold when --log-level is above it: the line was asked for."""
     async for _ in reports:
-        log.info("%s statistics: %s", monitor.prog, monitor.summary())
+        level = max(logging.INFO, log.getEffectiveLevel())
+        log.log(level, "%s statistics: %s", monitor.prog, monitor.summary())
 
 
 async def _watch_for_failure(device: Device, attachment: KernelExport | None) -> None:

@@ -291,6 +291,8 @@ def _render_daemon(entry: dict[str, Any]) -> str:
         f"{entry.get('prog')} pid {entry.get('pid')}: driver {entry.get('driver')}, "
         f"{export}, {format_size(int(entry['size']))} {mode}"
     ]
+    if entry.get("stopping"):
+        lines.append("  STOPPING: flushing and closing the device (it still holds what it holds)")
     if entry.get("stale"):
         lines.append(
             f"  STALE: status not rewritten for {entry.get('age', 0):.0f} s "
@@ -377,11 +379,12 @@ sources:
 --json prints an array, one object per daemon, in the order shown. From a status file
 (source "status-file"): pid, prog, command (argv from /proc, or null), driver, version,
 export, size (bytes), read_only, listen (NBD URIs), metrics_url (or null), device (/dev/nbdX
-or null), attached, reattached, connections (open, kernel's included), network_connections,
-refused, in_flight, requests and bytes (by command name), errors (by errno name), metrics (the
-driver's figures by name, numbers) and headline (the names among them shown first), started
-and updated (seconds since the epoch), age (seconds since updated), stale, status_file. From
-the kernel only (source "kernel"): pid (or null), running, prog, command, device, size.
+or null), attached, reattached, stopping (flushing and closing), connections (open, kernel's
+included), network_connections, refused, in_flight, requests and bytes (by command name),
+errors (by errno name), metrics (the driver's figures by name, numbers) and headline (the
+names among them shown first), started and updated (seconds since the epoch), age (seconds
+since updated), stale, status_file. From the kernel only (source "kernel"): pid (or null),
+running, prog, command, device, size.
 
 exit status: 0 (also when none run), 2 for a bad flag."""
 
