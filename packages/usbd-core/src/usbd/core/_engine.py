@@ -216,7 +216,8 @@ class Connection:
                 if command < CMD_COUNT:
                     counts[command] += 1
                 # The fast path: plain READ and WRITE in range, checked in one comparison.
-                if not flags and 0 < length <= max_payload and offset + length <= size:
+                plain = not flags and 0 < length <= max_payload and offset + length <= size
+                if plain:
                     # Bytes are counted for requests in range only (see _dispatch).
                     if command < CMD_COUNT:
                         nbytes[command] += length
@@ -291,7 +292,7 @@ class Connection:
                             continue
                         out.append(pack(SIMPLE_REPLY_MAGIC, 0, cookie))
                         continue
-                if not await self._dispatch(nursery, *request[:5], payload):
+                if not await self._dispatch(nursery, *request[:5], payload, plain):
                     return
             if not await self._end_of_batch():
                 return
@@ -305,8 +306,10 @@ class Connection:
         offset: int,
         length: int,
         payload: memoryview | None,
+        counted: bool,
     ) -> bool:
-        """The general path, for every request the fast path did not take; False on DISC."""
+        """The general path, for every request the fast path did not take; False on DISC.
+        ``counted``: _receive has counted the request's bytes (it was plain and in range)."""
         behind = self._behind
         if behind is not None and behind.deferred:  # they come first (a FLUSH waits for them)
             behind.submit(self._next_seq())
@@ -314,13 +317,9 @@ class Connection:
             log.debug("%s: client sent DISC", self.name)
             return False
         error = check(self.session, command, flags, offset, length)
-        # The bytes of a request: counted by _receive for one it may take (no flags, in
-        # range), here for the others. A refused request's do not count: a client sending
-        # reads of gigabytes past the end moved nothing.
-        session = self.session
-        counted = (
-            not flags and 0 < length <= session.max_payload and offset + length <= session.size
-        )
+        # The bytes of a request: counted by _receive for a plain one in range, here for the
+        # others. A refused request's do not count: a client sending reads of gigabytes past
+        # the end moved nothing.
         if command < CMD_COUNT and counted != (error is None):
             self._stats.bytes[command] += length if error is None else -length
         if error is not None:
